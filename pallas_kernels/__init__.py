@@ -1,5 +1,13 @@
-"""Masked flash attention for rcm-jax: forward, backward and fused forward+JVP kernels, and an XLA reference."""
+"""Masked flash attention for rcm-jax: forward, backward and fused forward+JVP kernels, and an XLA reference.
+
+`flash_attention(q, k, v, mask=None, *, sm_scale=None, interpret=None, implementation="pallas")`:
+block-sparse masked attention that works under jit, grad, jvp and jax.checkpoint; `implementation="xla"`
+selects the XLA reference instead. `Mask`: static masks (dense or union of rectangles). `reference`: the
+XLA ground truth. Files: mask.py (Mask, tile schedules), kernels.py (Pallas kernels), attention.py (op).
+"""
 from pallas_kernels import reference
+from pallas_kernels.attention import SUPPORTED_HEAD_DIMS, flash_attention
+from pallas_kernels.kernels import BlockSizes, KernelConfig
 from pallas_kernels.mask import Mask
 
-__all__ = ["Mask", "reference"]
+__all__ = ["BlockSizes", "KernelConfig", "Mask", "SUPPORTED_HEAD_DIMS", "flash_attention", "reference"]

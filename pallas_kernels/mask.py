@@ -56,7 +56,11 @@ class Mask:
     return dense
 
   def density(self) -> float:
-    return float(self.to_dense().mean())
+    """Fraction of allowed (query, key) pairs; analytic for rectangles (no dense matrix)."""
+    if self._dense is not None:
+      return float(self._dense.mean())
+    allowed = sum((b - a) * sum(e - s for s, e in iv) for a, b, iv in _row_segments(self))
+    return allowed / float(self.shape[0] * self.shape[1])
 
   def _key(self):
     if self._dense is not None:
@@ -72,3 +76,148 @@ class Mask:
   def __repr__(self):
     kind = "dense" if self._dense is not None else f"{len(self.ranges)} rectangles"
     return f"Mask({self.shape[0]}x{self.shape[1]}, {kind})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Row intervals and tile schedules (what the kernels read).
+#
+# Element masks inside a tile are computed in-kernel, not stored per tile: every query row keeps
+# up to R allowed key intervals `[start, end)` (R = the most any row needs: 1 for full/causal-like
+# masks, 2-3 for the teacher-forcing and sink+window video masks), so a partial tile costs R pairs
+# of compares against a column iota. The arrays are [R, Lq] int32, built per row *segment* (rows
+# between consecutive rectangle edges share one interval list), so 131k x 131k masks never touch a
+# dense matrix. Dense masks whose rows need more than `MAX_INTERVALS` runs (random test masks) keep
+# their dense int8 matrix instead, and the kernel loads the tile of it.
+# ----------------------------------------------------------------------------------------------
+
+MAX_INTERVALS = 8
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+def _merge(intervals):
+  """Sorted disjoint, non-touching union of half-open intervals."""
+  out = []
+  for s, e in sorted(intervals):
+    if out and s <= out[-1][1]:
+      out[-1][1] = max(out[-1][1], e)
+    else:
+      out.append([s, e])
+  return [tuple(x) for x in out]
+
+
+def _row_segments(mask: Mask):
+  """[(q0, q1, intervals)] covering [0, Lq): rows of one segment allow the same key intervals."""
+  lq = mask.shape[0]
+  if mask.ranges is not None:
+    edges = sorted({0, lq} | {r[0] for r in mask.ranges} | {r[1] for r in mask.ranges})
+    segs = []
+    for a, b in zip(edges[:-1], edges[1:]):
+      iv = _merge([(k0, k1) for q0, q1, k0, k1 in mask.ranges if q0 <= a and b <= q1])
+      segs.append((a, b, iv))
+    return segs
+  dense = mask.to_dense()
+  padded = np.zeros((lq, dense.shape[1] + 2), np.int8)
+  padded[:, 1:-1] = dense
+  diff = np.diff(padded, axis=1)  # +1 at run starts, -1 at run ends
+  segs = []
+  for i in range(lq):
+    starts, = np.nonzero(diff[i] == 1)
+    ends, = np.nonzero(diff[i] == -1)
+    segs.append((i, i + 1, list(zip(starts.tolist(), ends.tolist()))))
+  return segs
+
+
+class TileSchedule:
+  """Per-tile work lists for one (Mask, padded lengths, tile sizes), built once at trace time.
+
+  Tiles are classified EMPTY (skipped), FULL (no element mask) or PARTIAL (element mask applied).
+  Row-major lists drive the forward, dq and JVP kernels (one program per query tile, looping over
+  key tiles); column-major lists drive the dk/dv kernel. Each list holds partial tiles first, then
+  full ones, so a kernel runs two loops and the full-tile loop has no mask code in it.
+
+  Attributes (numpy int32):
+    kv_tiles [nq * wq]: key-tile indices for query tile i at [i*wq, i*wq + kv_partial[i] + kv_full[i]).
+    kv_partial, kv_full [nq]. q_tiles [nk * wk], q_partial, q_full [nk]: the transposed lists.
+    starts, ends [R, Lq_pad]: allowed key intervals per row (intervals mode), or dense [Lq_pad, Lk_pad]
+      int8 (dense mode). Padded rows allow nothing; padded keys are never allowed.
+    tile_state [nq, nk]: EMPTY / PARTIAL / FULL (small: one byte per tile).
+  """
+
+  def __init__(self, mask: Mask, lq_pad: int, lk_pad: int, block_q: int, block_k: int):
+    lq, lk = mask.shape
+    self.block_q, self.block_k = block_q, block_k
+    nq, nk = lq_pad // block_q, lk_pad // block_k
+    segs = _row_segments(mask)
+    r_max = max(1, max(len(iv) for _, _, iv in segs))
+    self.mode = "intervals" if (mask.ranges is not None or r_max <= MAX_INTERVALS) else "dense"
+
+    # State of every (segment, key tile): FULL if one interval covers the tile, else PARTIAL if any
+    # interval touches it. Padded key columns are never covered, so the last tile of a ragged Lk is
+    # at most PARTIAL.
+    tile_lo = np.arange(nk) * block_k
+    tile_hi = tile_lo + block_k
+    seg_state = np.zeros((len(segs), nk), np.int8)
+    for si, (_, _, iv) in enumerate(segs):
+      for s, e in iv:
+        touched = (tile_lo < e) & (tile_hi > s)
+        covered = (tile_lo >= s) & (tile_hi <= e)
+        seg_state[si] = np.maximum(seg_state[si], np.where(covered, FULL, np.where(touched, PARTIAL, EMPTY)))
+
+    # A query tile combines the segments of its real rows (padded rows are don't-care: their
+    # outputs are sliced off and their q / dO are zero).
+    seg_starts = np.array([a for a, _, _ in segs])
+    state = np.zeros((nq, nk), np.int8)
+    for i in range(nq):
+      r0, r1 = i * block_q, min((i + 1) * block_q, lq)
+      s0 = np.searchsorted(seg_starts, r0, side="right") - 1
+      s1 = np.searchsorted(seg_starts, r1 - 1, side="right")
+      block = seg_state[s0:s1]
+      lo, hi = block.min(0), block.max(0)
+      state[i] = np.where(lo == FULL, FULL, np.where(hi > EMPTY, PARTIAL, EMPTY))
+    self.tile_state = state
+
+    self.kv_tiles, self.kv_partial, self.kv_full = _work_lists(state)
+    self.q_tiles, self.q_partial, self.q_full = _work_lists(state.T)
+    self.wq = len(self.kv_tiles) // nq
+    self.wk = len(self.q_tiles) // nk
+
+    if self.mode == "intervals":
+      starts = np.zeros((r_max, lq_pad), np.int32)
+      ends = np.zeros((r_max, lq_pad), np.int32)
+      for a, b, iv in segs:
+        for r, (s, e) in enumerate(iv):
+          starts[r, a:b], ends[r, a:b] = s, e
+      self.mask_arrays = (starts, ends)
+    else:
+      dense = np.zeros((lq_pad, lk_pad), np.int8)
+      dense[:lq, :lk] = mask.to_dense()
+      self.mask_arrays = (dense,)
+
+  def computed_fraction(self) -> float:
+    """Fraction of tiles that a kernel computes (partial + full)."""
+    return float((self.tile_state > EMPTY).mean())
+
+
+def _work_lists(state: np.ndarray):
+  """state [n, m] -> (tiles [n * w] int32, n_partial [n], n_full [n]); partial tiles listed first."""
+  n = state.shape[0]
+  n_partial = (state == PARTIAL).sum(1).astype(np.int32)
+  n_full = (state == FULL).sum(1).astype(np.int32)
+  w = max(1, int((n_partial + n_full).max()))
+  # Stable sort by (PARTIAL first, FULL next, EMPTY last), keeping tile order within each class.
+  order_key = np.where(state == PARTIAL, 0, np.where(state == FULL, 1, 2))
+  order = np.argsort(order_key, axis=1, kind="stable")[:, :w].astype(np.int32)
+  return np.ascontiguousarray(order.reshape(n * w)), n_partial, n_full
+
+
+_SCHEDULES: dict = {}
+
+
+def tile_schedule(mask: Mask, lq_pad: int, lk_pad: int, block_q: int, block_k: int) -> TileSchedule:
+  """Cached `TileSchedule` (a Mask is hashable, so re-tracing the same model reuses the lists)."""
+  key = (mask, lq_pad, lk_pad, block_q, block_k)
+  if key not in _SCHEDULES:
+    if len(_SCHEDULES) > 64:
+      _SCHEDULES.clear()
+    _SCHEDULES[key] = TileSchedule(mask, lq_pad, lk_pad, block_q, block_k)
+  return _SCHEDULES[key]

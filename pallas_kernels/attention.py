@@ -1,0 +1,187 @@
+"""`flash_attention`: the public op. Validation, padding, and the autodiff wiring of the kernels.
+
+Wiring choice: one hijax primitive (`jax.experimental.hijax.HiPrim`) carries both derivative rules.
+  - `vjp_fwd` / `vjp_bwd_retval`: forward kernel saving (o, lse2), then the dq and dk/dv kernels;
+  - `jvp`: the fused forward+JVP kernel (symbolic-zero tangents are dropped at trace time);
+  - `expand`: the forward kernel alone (plain evaluation).
+So `jax.grad`, `jax.jvp`, `jax.jit` and the sCM pattern (grad of a loss whose target holds a jvp of the
+same function at stop-gradient'ed params and inputs) all go through the same call, with no flag in the
+model. We chose it over the two-op fallback (custom_vjp for training + custom_jvp for the JVP branch,
+picked by a static flag) because it was checked working on jax 0.12.0.1 (CPU) here for jit, grad, jvp,
+the sCM pattern and `jax.checkpoint`, and the fallback would push a mode flag into every model call.
+What is NOT supported: reverse mode *through* the JVP (grad of a jvp at non-stop-gradient'ed inputs,
+i.e. second order); the jvp rule's kernel has no transpose. The sCM/MeanFlow losses never need it.
+Remat: `jax.checkpoint` recomputes the whole op (HiPrim's default rule); on jax versions where
+checkpointing a hijax primitive raises, set `jax.config.update("jax_remat3", True)`.
+
+`implementation="xla"` selects `pallas_kernels.reference.attention` instead (materialises scores; short
+sequences only, or hardware without Pallas-Triton).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import hijax
+
+from pallas_kernels import kernels, reference
+from pallas_kernels.kernels import BlockSizes, KernelConfig
+from pallas_kernels.mask import Mask, tile_schedule
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+IMPLEMENTATIONS = ("pallas", "xla")
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def _shrink(cfg: KernelConfig, lq: int, lk: int) -> KernelConfig:
+  """Smaller tiles for short sequences (keeps interpret-mode tests and decode cases cheap)."""
+  p2 = lambda n: max(16, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+  return KernelConfig(min(cfg.block_q, p2(lq)), min(cfg.block_k, p2(lk)), cfg.num_warps, cfg.num_stages)
+
+
+class _Plan:
+  """Everything static about one call: tiles, padded lengths and schedules (hashable by its key)."""
+
+  def __init__(self, mask: Mask, lq: int, lk: int, sm_scale: float, blocks: BlockSizes, interpret: bool):
+    self.fwd, self.dq, self.dkdv, self.jvp = (_shrink(c, lq, lk) for c in blocks.all())
+    cfgs = (self.fwd, self.dq, self.dkdv, self.jvp)
+    self.lq_pad = _round_up(lq, max(c.block_q for c in cfgs))
+    self.lk_pad = _round_up(lk, max(c.block_k for c in cfgs))
+    self.mask, self.sm_scale, self.interpret = mask, sm_scale, interpret
+    self.key = (mask, lq, lk, sm_scale, blocks, interpret)
+
+  def sched(self, cfg: KernelConfig):
+    return tile_schedule(self.mask, self.lq_pad, self.lk_pad, cfg.block_q, cfg.block_k)
+
+  def __hash__(self):
+    return hash(self.key)
+
+  def __eq__(self, other):
+    return isinstance(other, _Plan) and self.key == other.key
+
+
+def _pad(x, length):
+  return x if x.shape[1] == length else jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+
+
+class _FlashAttention(hijax.HiPrim):
+  """(q [B, Lq, H, D], k [B, Lk, Hkv, D], v [B, Lk, Hkv, D]) -> o [B, Lq, H, D]."""
+
+  def __init__(self, q_aval, k_aval, v_aval, plan: _Plan):
+    self.in_avals = (q_aval, k_aval, v_aval)
+    self.out_aval = hijax.ShapedArray(q_aval.shape, q_aval.dtype)
+    self.params = dict(plan=plan)
+    super().__init__()
+
+  def _padded(self, *xs):
+    q, k, v = xs[:3]
+    p = self.plan
+    return _pad(q, p.lq_pad), _pad(k, p.lk_pad), _pad(v, p.lk_pad)
+
+  def _forward(self, q, k, v):
+    p = self.plan
+    qp, kp, vp = self._padded(q, k, v)
+    o, lse = kernels.forward(qp, kp, vp, p.sched(p.fwd), p.fwd, sm_scale=p.sm_scale, interpret=p.interpret)
+    return o[:, :q.shape[1]], lse
+
+  def expand(self, q, k, v):
+    return self._forward(q, k, v)[0]
+
+  def vjp_fwd(self, nzs_in, q, k, v):
+    del nzs_in
+    o, lse = self._forward(q, k, v)
+    return o, (q, k, v, o, lse)
+
+  def vjp_bwd_retval(self, res, do):
+    q, k, v, o, lse = res
+    p = self.plan
+    do = hijax.instantiate_zeros(do) if isinstance(do, hijax.Zero) else do
+    qp, kp, vp = self._padded(q, k, v)
+    dq, dk, dv = kernels.backward(
+        qp, kp, vp, _pad(o, p.lq_pad), lse, _pad(do.astype(q.dtype), p.lq_pad),
+        p.sched(p.dq), p.sched(p.dkdv), p.dq, p.dkdv, sm_scale=p.sm_scale, interpret=p.interpret)
+    lq, lk = q.shape[1], k.shape[1]
+    return dq[:, :lq], dk[:, :lk], dv[:, :lk]
+
+  def jvp(self, primals, tangents):
+    q, k, v = primals
+    p = self.plan
+    qp, kp, vp = self._padded(q, k, v)
+    tq, tk, tv = (None if isinstance(t, hijax.Zero) else t for t in tangents)
+    if tq is None and tk is None and tv is None:
+      o = self.expand(q, k, v)
+      return o, jnp.zeros_like(o)
+    tq = None if tq is None else _pad(tq, p.lq_pad)
+    tk = None if tk is None else _pad(tk, p.lk_pad)
+    tv = None if tv is None else _pad(tv, p.lk_pad)
+    o, to = kernels.forward_jvp(qp, kp, vp, tq, tk, tv, p.sched(p.jvp), p.jvp, sm_scale=p.sm_scale,
+                                interpret=p.interpret)
+    lq = q.shape[1]
+    return o[:, :lq], to[:, :lq]
+
+
+def _validate(q, k, v, mask, sm_scale, implementation):
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4:
+      raise ValueError(f"flash_attention: {name} must be [B, L, H, D], got shape {tuple(x.shape)}.")
+  if k.shape != v.shape:
+    raise ValueError(f"flash_attention: k and v must have the same shape [B, Lk, Hkv, D], got "
+                     f"k {tuple(k.shape)} and v {tuple(v.shape)}.")
+  if q.shape[0] != k.shape[0]:
+    raise ValueError(f"flash_attention: batch of q ({q.shape[0]}) != batch of k/v ({k.shape[0]}).")
+  if q.shape[3] != k.shape[3]:
+    raise ValueError(f"flash_attention: head dim of q ({q.shape[3]}) != head dim of k/v ({k.shape[3]}).")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"flash_attention: q heads ({q.shape[2]}) must be a multiple of k/v heads "
+                     f"({k.shape[2]}).")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"flash_attention: q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, "
+                     f"v {v.dtype}.")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"flash_attention: implementation must be one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}.")
+  if mask is not None:
+    if not isinstance(mask, Mask):
+      raise ValueError(f"flash_attention: mask must be a pallas_kernels.Mask (static), got {type(mask)}.")
+    if mask.shape != (q.shape[1], k.shape[1]):
+      raise ValueError(f"flash_attention: mask shape {mask.shape} != (Lq, Lk) = {(q.shape[1], k.shape[1])}.")
+  if sm_scale is not None and not isinstance(sm_scale, (int, float)):
+    raise ValueError(f"flash_attention: sm_scale must be a Python float (static), got {type(sm_scale)}.")
+  if implementation == "pallas":
+    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
+      raise ValueError(f"flash_attention: head dim D={q.shape[3]} is not supported by the Pallas kernels; "
+                       f"supported: {SUPPORTED_HEAD_DIMS} (or pass implementation='xla').")
+    if q.dtype not in SUPPORTED_DTYPES:
+      raise ValueError(f"flash_attention: dtype {q.dtype} is not supported; supported: "
+                       f"{[jnp.dtype(d).name for d in SUPPORTED_DTYPES]}.")
+
+
+def flash_attention(q, k, v, mask: Mask | None = None, *, sm_scale: float | None = None,
+                    interpret: bool | None = None, implementation: str = "pallas",
+                    block_sizes: BlockSizes | None = None):
+  """Block-sparse masked attention with forward, backward and fused forward+JVP kernels.
+
+  q: [B, Lq, H, D]; k, v: [B, Lk, Hkv, D] with Hkv | H (grouped heads); D in SUPPORTED_HEAD_DIMS;
+  bf16 / f16 / f32 (fp32 accumulation and softmax statistics). mask: a static `Mask` of shape
+  (Lq, Lk) or None (full attention). Fully masked query rows return zeros. sm_scale defaults to
+  D ** -0.5. interpret=None uses Pallas interpret mode when the default backend is the CPU.
+  implementation: "pallas" (default) or "xla" (`pallas_kernels.reference.attention`, materialises
+  the [Lq, Lk] scores). block_sizes: tile/launch overrides (tuning; see `kernels.BlockSizes`).
+  Returns [B, Lq, H, D] in q.dtype. Differentiable with `jax.grad` and `jax.jvp` (see module doc).
+  """
+  _validate(q, k, v, mask, sm_scale, implementation)
+  scale = float(q.shape[3] ** -0.5 if sm_scale is None else sm_scale)
+  if implementation == "xla":
+    return reference.attention(q, k, v, mask, sm_scale=scale)
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  lq, lk = q.shape[1], k.shape[1]
+  if mask is None:
+    mask = Mask.full(lq, lk)
+  plan = _Plan(mask, lq, lk, scale, block_sizes or BlockSizes(), bool(interpret))
+  return _FlashAttention(jax.typeof(q), jax.typeof(k), jax.typeof(v), plan)(q, k, v)
