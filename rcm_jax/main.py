@@ -1,0 +1,40 @@
+"""One CLI for every job: python -m rcm_jax.main <command> --config=configs/...py[:arg] --workdir=DIR.
+
+Commands: train (one stage), sample, eval, recipe (a chain of stages). Override any config key with
+--config.<key>=<value>; the resolved config is written to <workdir>/config.json.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from rcm_jax.errors import UserError
+
+COMMANDS = ("train", "sample", "eval", "recipe")
+config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally with :arg.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs, samples and metrics.json go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"Usage: python -m rcm_jax.main <{'|'.join(COMMANDS)}> --config=... --workdir=...; "
+                         f"got {argv[1:]}.")
+  from rcm_jax.training import jobs, pipeline, trainer  # after flag parsing: keeps --help fast
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  command = argv[1]
+  try:
+    _run(command, config, workdir, jobs, pipeline, trainer)
+  except (UserError, FileNotFoundError) as e:
+    raise SystemExit(f"rcm_jax {command}: {e}") from None
+
+
+def _run(command, config, workdir, jobs, pipeline, trainer):
+  if command == "recipe":
+    if "stages" not in config:
+      raise app.UsageError("`recipe` needs a config with `stages` and `stage_order` (e.g. configs/toy/quickstart.py).")
+    pipeline.run_recipe(config, workdir)
+  else:
+    {"train": trainer.train, "sample": jobs.sample, "eval": jobs.evaluate}[command](config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

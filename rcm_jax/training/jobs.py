@@ -1,0 +1,124 @@
+"""The sample and eval jobs: draw videos from a trained stage and score them against ground truth.
+
+`eval` reports each sampler setting beside the calibration rows: the ceiling (held-out real videos)
+and the floor (an untrained model of the same config), so a reader sees where a model sits.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from rcm_jax import evaluation
+from rcm_jax.training import checkpoint
+from rcm_jax.training import setup as setup_lib
+from rcm_jax.training.writer import write_metrics, write_video
+
+
+def _source_params(config, workdir: str, key: str):
+  src = config[key].checkpoint or workdir
+  params, step = checkpoint.load_params(src, use_ema=config[key].use_ema)
+  logging.info("Loaded params of %s (step %d).", src, step)
+  return params, src
+
+
+def _eval_batch(config, world, data_root: str, num: int):
+  path = setup_lib.ensure_data(config, world, data_root, split="eval")
+  from rcm_jax import data as data_lib
+  raw = data_lib.load_all(path)
+  raw = {k: v[:num] for k, v in raw.items()}
+  return raw, setup_lib.prepare(world, raw)
+
+
+def _sample_all(config, model, params, batch, rng, *, num_steps, cfg_scale, chunk: int, desc: str):
+  n = batch["video"].shape[0]
+  out = []
+  for i in tqdm(range(0, n, chunk), desc=desc, unit="batch", leave=False, disable=jax.process_index() != 0):
+    part = jax.tree.map(lambda x: x[i:i + chunk], batch)
+    out.append(setup_lib.sample_videos(config, model, params, part, jax.random.fold_in(rng, i),
+                                       num=part["video"].shape[0], num_steps=num_steps, cfg_scale=cfg_scale))
+  return np.concatenate(out)
+
+
+def sample(config, workdir: str, *, data_root: str | None = None) -> dict:
+  """Sample videos for held-out conditions from the stage at config.sample.checkpoint (or workdir)."""
+  setup_lib.validate(config)
+  world = setup_lib.make_world(config)
+  params, src = _source_params(config, workdir, "sample")
+  raw, batch = _eval_batch(config, world, data_root or os.path.join(workdir, "data"), config.sample.num_videos)
+  model = setup_lib.make_model(config)
+  videos = _sample_all(config, model, params, batch, jax.random.key(config.seed + 1),
+                       num_steps=config.sample.steps, cfg_scale=config.sample.cfg_scale,
+                       chunk=config.sample.batch_size, desc="sample")
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  np.savez_compressed(os.path.join(workdir, "samples", "samples.npz"), videos=videos,
+                      **{k: v for k, v in raw.items() if k != "video"})
+  gif = write_video(os.path.join(workdir, "samples", f"samples_{config.sample.steps}step.gif"), videos[:16])
+  mp4 = write_video(os.path.join(workdir, "samples", f"samples_{config.sample.steps}step.mp4"), videos[:16])
+  result = {"source": src, "num_videos": int(videos.shape[0]), "steps": config.sample.steps,
+            "cfg_scale": config.sample.cfg_scale, "gif": gif, "mp4": mp4}
+  write_metrics(workdir, result)
+  return result
+
+
+def evaluate(config, workdir: str, *, data_root: str | None = None) -> dict:
+  """Score the stage at config.eval.checkpoint for each of config.eval.steps, with ceiling and floor."""
+  setup_lib.validate(config)
+  world = setup_lib.make_world(config)
+  params, src = _source_params(config, workdir, "eval")
+  raw, batch = _eval_batch(config, world, data_root or os.path.join(workdir, "data"), config.eval.num_videos)
+  model = setup_lib.make_model(config)
+  rng = jax.random.key(config.seed + 2)
+  samples_dir = os.path.join(workdir, "samples")
+  rows, meta = {}, {k: v for k, v in raw.items()}
+
+  untrained = jax.jit(model.init)(jax.random.key(config.seed + 3), batch["video"][:1],
+                                  np.zeros(batch["video"][:1].shape[:2], np.float32),
+                                  **jax.tree.map(lambda x: x[:1], batch["cond"]))
+  floor_videos = _sample_all(config, model, untrained, batch, rng, num_steps=min(config.eval.steps),
+                             cfg_scale=config.eval.cfg_scale, chunk=config.eval.batch_size, desc="floor")
+  calibration = evaluation.calibrate(config.world, world, real=raw["video"], floor=floor_videos, meta=meta)
+  for steps in config.eval.steps:
+    videos = _sample_all(config, model, params, batch, rng, num_steps=steps, cfg_scale=config.eval.cfg_scale,
+                         chunk=config.eval.batch_size, desc=f"eval {steps}-step")
+    rows[f"{config.eval.label} {steps}-step (NFE {steps * (2 if config.eval.cfg_scale != 1 else 1)})"] = \
+        evaluation.evaluate(config.world, world, videos, meta)
+    write_video(os.path.join(samples_dir, f"eval_{steps}step.gif"), videos[:16])
+  write_video(os.path.join(samples_dir, "real.gif"), raw["video"][:16])
+  write_video(os.path.join(samples_dir, "untrained.gif"), floor_videos[:16])
+  table = evaluation.format_table(rows, calibration)
+  with open(os.path.join(workdir, "table.md"), "w") as f:
+    f.write(table + "\n")
+  plot = _plot_vs_steps(config, rows, calibration, os.path.join(workdir, "metrics_vs_steps.png"))
+  print(table)
+  result = {"source": src, "rows": rows, "calibration": calibration, "table": os.path.join(workdir, "table.md"),
+            "plot": plot, "samples": samples_dir}
+  write_metrics(workdir, result)
+  return result
+
+
+def _plot_vs_steps(config, rows: dict, calibration: dict, path: str) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names = list(next(iter(rows.values())).keys())
+  fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+  steps = list(config.eval.steps)
+  for ax, name in zip(axes[0], names):
+    ax.plot(steps, [r[name] for r in rows.values()], "o-", label=config.eval.label)
+    for cal, style in (("ceiling", "g--"), ("floor", "r:")):
+      if cal in calibration and name in calibration[cal]:
+        ax.axhline(calibration[cal][name], color=style[0], linestyle=style[1:], label=cal)
+    ax.set_xscale("log")
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_xlabel("sampling steps")
+    ax.set_title(name, fontsize=9)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -1,0 +1,90 @@
+"""The recipe runner: a chain of stages, each one a train / sample / eval job in its own sub-workdir.
+
+A recipe config holds the shared sections (world, data, model, diffusion, ...) plus
+`stages.<name>` (the stage's command and the keys it overrides) and `stage_order`. A train stage with
+`init_from: <earlier stage>` starts from that stage's checkpoint; sample and eval stages read
+`source: <stage>`. Finished stages are skipped, unfinished ones resume, so re-running the command
+after an interruption continues where it stopped. All stages share one data directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+from absl import logging
+
+from rcm_jax.training import jobs, trainer
+
+COMMANDS = ("train", "sample", "eval")
+
+
+def stage_config(config, name: str, workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config of one stage: shared sections updated by the stage's own keys."""
+  if name not in config.stages:
+    raise ValueError(f"stage_order names {name!r}, but config.stages has only {sorted(config.stages)}.")
+  stage = config.stages[name]
+  if stage.command not in COMMANDS:
+    raise ValueError(f"stages.{name}.command={stage.command!r}: choose one of {COMMANDS}.")
+  base = ml_collections.ConfigDict(config.to_dict())
+  for key in ("stages", "stage_order"):
+    del base[key]
+  with base.unlocked():
+    for key, value in stage.items():
+      if key in ("command", "source"):
+        continue
+      if isinstance(value, ml_collections.ConfigDict) and key in base:
+        base[key].update(value.to_dict())
+      else:
+        base[key] = value
+    for ref_key in [k for k in base if k.endswith("_from")]:   # init_from, teacher_from, ...: stage names
+      if isinstance(base[ref_key], str) and base[ref_key]:
+        if base[ref_key] not in config.stages:
+          raise ValueError(f"stages.{name}.{ref_key}={base[ref_key]!r} is not a stage; stages: {sorted(config.stages)}.")
+        base[ref_key] = os.path.join(workdir, base[ref_key])
+    if stage.get("source"):
+      for job in ("sample", "eval"):
+        base[job].checkpoint = os.path.join(workdir, stage.source)
+  return base
+
+
+def _done(stage_dir: str, cfg, command: str) -> bool:
+  path = os.path.join(stage_dir, "metrics.json")
+  if not os.path.exists(path):
+    return False
+  if command != "train":
+    return True
+  with open(path) as f:
+    return json.load(f).get("step", -1) >= cfg.train.num_steps
+
+
+def run_recipe(config, workdir: str) -> dict:
+  order = list(config.stage_order)
+  for name in order:   # check every stage before running any
+    stage_config(config, name, workdir)
+  data_root = os.path.join(workdir, "data")
+  results = {}
+  for i, name in enumerate(order):
+    cfg = stage_config(config, name, workdir)
+    command = config.stages[name].command
+    stage_dir = os.path.join(workdir, name)
+    if _done(stage_dir, cfg, command):
+      logging.info("Stage %d/%d %s: done, skipped.", i + 1, len(order), name)
+      with open(os.path.join(stage_dir, "metrics.json")) as f:
+        results[name] = json.load(f)
+      continue
+    print(f"== stage {i + 1}/{len(order)}: {name} ({command})", flush=True)
+    fn = {"train": trainer.train, "sample": jobs.sample, "eval": jobs.evaluate}[command]
+    results[name] = fn(cfg, stage_dir, data_root=data_root)
+    if command == "train" and "interrupted_at" in results[name]:
+      print(f"Interrupted in stage {name}; run the same command to resume.")
+      return results
+  print(f"\nRecipe done. Everything is under {workdir}:")
+  for name in order:
+    stage_dir = os.path.join(workdir, name)
+    print(f"  {name:12s} {stage_dir}/metrics.json")
+    for extra in ("samples", "table.md", "metrics_vs_steps.png", "tb"):
+      p = os.path.join(stage_dir, extra)
+      if os.path.exists(p):
+        print(f"  {'':12s} {p}")
+  return results

@@ -1,0 +1,114 @@
+"""Shared set-up for every job: config validation, world and data, model construction, sampling.
+
+The train, sample and eval jobs and the recipe runner all build their pieces here, so a stage's
+model is constructed the same way wherever its checkpoint is read.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rcm_jax import data as data_lib
+from rcm_jax.errors import UserError
+from rcm_jax import models as models_lib
+from rcm_jax import recipes
+from rcm_jax.inference import bidirectional
+from rcm_jax.training import ema as ema_lib
+
+
+class ConfigError(UserError):
+  pass
+
+
+def validate(config) -> None:
+  """Checks that need no compute; each error names the config key and the fix."""
+  recipes.get_recipe(config.recipe)
+  data_lib.get_world(config.world, dict(config.data.world))  # unknown world names raise here
+  if config.ema.kind not in ema_lib.EMA_KINDS:
+    raise ConfigError(f"ema.kind={config.ema.kind!r}: choose one of {ema_lib.EMA_KINDS}.")
+  if config.ema.kind == "power":
+    ema_lib.std_to_gamma(config.ema.std)
+  t = config.train
+  if t.batch_size % (t.grad_accum * jax.process_count()):
+    raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum} "
+                      f"times the process count {jax.process_count()}.")
+  for key in ("num_steps", "log_every", "ckpt_every", "keep", "nan_patience", "batch_size"):
+    if t[key] < 1:
+      raise ConfigError(f"train.{key} must be >= 1, got {t[key]}.")
+  models_lib.build_model(config.model.size, **_model_overrides(config, None))  # validates model keys
+
+
+def make_world(config):
+  return data_lib.get_world(config.world, dict(config.data.world))
+
+
+def ensure_data(config, world, root: str, *, split: str) -> str:
+  n = config.data.num_train_videos if split == "train" else config.data.num_eval_videos
+  return data_lib.ensure_dataset(config.world, dict(config.data.world), n, config.data.seed, split, root)
+
+
+def prepare(world, batch: dict) -> dict:
+  """A raw numpy batch -> what recipes take: video, the model's condition kwargs, and their null form."""
+  return {"video": np.asarray(batch["video"], np.float32), "cond": world.model_inputs(batch),
+          "null": world.null_inputs(batch)}
+
+
+def batches(config, world, path: str, *, start_step: int = 0):
+  per_process = config.train.batch_size // jax.process_count()
+  it = data_lib.make_batches(path, config.train.batch_size, config.data.seed, start_step=start_step,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+  del per_process
+  for b in it:
+    yield prepare(world, b)
+
+
+def first_batch(config, world, path: str) -> dict:
+  return next(batches(config, world, path))
+
+
+def _model_overrides(config, batch) -> dict:
+  over = {k: v for k, v in dict(config.model).items() if k != "size"}
+  over.update(data_lib.model_overrides(config.world, dict(config.data.world)))
+  return over
+
+
+def make_model(config, batch=None):
+  return models_lib.build_model(config.model.size, **_model_overrides(config, batch))
+
+
+def check_params_match(params, abstract, source: str) -> None:
+  """init_from params must have the tree and shapes this stage's model expects."""
+  got = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+  missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  if missing or unexpected:
+    raise ConfigError(f"init_from={source}: its params do not fit this model (missing {missing[:5]}, "
+                      f"unexpected {unexpected[:5]}); the stages must share config.model and config.data.")
+  for k in want:
+    if tuple(want[k]) != tuple(got[k]):
+      raise ConfigError(f"init_from={source}: param {k} has shape {tuple(got[k])}, this model wants "
+                        f"{tuple(want[k])}; the stages must share config.model and config.data.")
+
+
+def profile_window(spec: str):
+  """'start:end' -> (start, end) steps to trace with jax.profiler; '' -> None."""
+  if not spec:
+    return None
+  try:
+    a, b = (int(x) for x in spec.split(":"))
+  except ValueError:
+    raise ConfigError(f"train.profile={spec!r}: write 'start:end', e.g. '10:15'.") from None
+  return (a, b)
+
+
+def sample_videos(config, model, params, batch: dict, rng, *, num: int, num_steps: int | None = None,
+                  cfg_scale: float | None = None):
+  """Bidirectional samples for the first `num` conditions of `batch`: [num, T, H, W, C] numpy."""
+  take = lambda tree: jax.tree.map(lambda x: jnp.asarray(x[:num]), tree)
+  noise = jax.random.normal(rng, batch["video"][:num].shape, jnp.float32)
+  out = bidirectional.sample(model, params, noise, take(batch["cond"]), take(batch["null"]),
+                             num_steps=num_steps or config.sample.steps,
+                             cfg_scale=float(config.sample.cfg_scale if cfg_scale is None else cfg_scale),
+                             shift=float(config.sample.shift))
+  return np.asarray(out)

@@ -1,0 +1,213 @@
+"""The trainer, the CLI and the recipe runner on the runlocal toy configs (tiny model, a few steps)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from rcm_jax.errors import UserError
+from rcm_jax.training import checkpoint, ema, trainer, writer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(path="configs/toy/teacher.py", arg="runlocal"):
+  from ml_collections import config_flags  # noqa: F401
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def _cli(*args, workdir, env_extra=None, **popen):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **(env_extra or {}))
+  cmd = [sys.executable, "-m", "rcm_jax.main", *args, f"--workdir={workdir}"]
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          **popen)
+
+
+def test_power_ema_gamma_matches_its_defining_equation():
+  for std in np.random.default_rng().uniform(0.01, 0.25, 5):
+    g = ema.std_to_gamma(float(std))
+    assert g > 0
+    np.testing.assert_allclose((g + 1) / ((g + 2) ** 2 * (g + 3)), std ** 2, rtol=1e-6)
+  with pytest.raises(ValueError, match="ema.std"):
+    ema.std_to_gamma(0.5)
+
+
+def test_power_ema_is_the_running_mean_at_gamma_zero():
+  # gamma = 0 gives beta_t = 1 - 1/t: the EMA is then the plain average of all iterates.
+  cfg = ml_collections.ConfigDict(dict(kind="power", std=0.2886751))  # sqrt(1/12) <=> gamma = 0
+  assert abs(ema.std_to_gamma(cfg.std)) < 1e-4
+  xs = np.random.default_rng().normal(size=(7, 3))
+  e = jnp.asarray(xs[0])
+  for t in range(2, 8):
+    e = ema.update(e, jnp.asarray(xs[t - 1]), ema.ema_decay(cfg, t))
+  np.testing.assert_allclose(e, xs.mean(0), rtol=1e-3)
+
+
+def test_train_step_skips_non_finite_updates_and_counts_them(tmp_path):
+  cfg = _config()
+  from rcm_jax import recipes
+  from rcm_jax.training import optim, setup
+  from rcm_jax.training.state import TrainState
+  world = setup.make_world(cfg)
+  path = setup.ensure_data(cfg, world, str(tmp_path / "data"), split="train")
+  batch = setup.first_batch(cfg, world, path)
+  model = setup.make_model(cfg)
+  recipe = recipes.get_recipe("rf")(cfg, model)
+  tx = optim.make_optimizer(cfg.optim)
+  state = TrainState.create(recipe.init_params(jax.random.key(0), batch), tx, use_ema=True)
+  update = jax.jit(trainer.make_update(recipe, tx, cfg))
+  s1, m1 = update(state, {}, batch, jax.random.key(1))
+  assert m1["skipped"] == 0 and int(s1.nan_streak) == 0 and int(s1.step) == 1
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), s1.params, state.params)
+  assert any(jax.tree.leaves(changed))
+  bad = dict(batch, video=batch["video"] * np.nan)
+  s2, m2 = update(s1, {}, bad, jax.random.key(2))
+  assert m2["skipped"] == 1 and int(s2.nan_streak) == 1 and int(s2.nan_total) == 1 and int(s2.step) == 2
+  for a, b in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params)):
+    np.testing.assert_array_equal(a, b)
+  s3, _ = update(s2, {}, batch, jax.random.key(3))
+  assert int(s3.nan_streak) == 0 and int(s3.nan_total) == 1
+
+
+def test_grad_accumulation_matches_the_full_batch(tmp_path):
+  import optax
+  from rcm_jax import recipes
+  from rcm_jax.diffusion import flow
+  from rcm_jax.training import setup
+  from rcm_jax.training.state import TrainState
+  cfg = _config()
+  world = setup.make_world(cfg)
+  path = setup.ensure_data(cfg, world, str(tmp_path / "data"), split="train")
+  batch = setup.first_batch(cfg, world, path)
+  model = setup.make_model(cfg)
+
+  class Deterministic(recipes.Recipe):
+    # noise and time are functions of each sample, so splitting the batch cannot change the mean loss
+    def loss(self, params, frozen, batch, rng, step):
+      x0 = batch["video"]
+      eps = jnp.sin(37.0 * x0 + 1.0)
+      t = jnp.broadcast_to(0.5 + 0.4 * jnp.tanh(x0.mean(axis=(2, 3, 4))), x0.shape[:2])
+      v = self.velocity(params, flow.interpolate(x0, eps, t), t, batch["cond"])
+      loss = jnp.mean((v - (eps - x0)) ** 2)
+      return loss, {"loss": loss}
+
+  recipe = Deterministic(cfg, model)
+  params = recipe.init_params(jax.random.key(0), batch)
+  tx = optax.sgd(1.0)
+  deltas = {}
+  for accum in (1, 2, 4):
+    cfg.train.grad_accum = accum
+    state = TrainState.create(params, tx, use_ema=False)
+    s, m = jax.jit(trainer.make_update(recipe, tx, cfg))(state, {}, batch, jax.random.key(1))
+    deltas[accum] = jax.tree.map(lambda a, b: a - b, state.params, s.params)
+  for accum in (2, 4):
+    for a, b in zip(jax.tree.leaves(deltas[1]), jax.tree.leaves(deltas[accum])):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+
+
+def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path):
+  cfg = _config()
+  checkpoint.guard_workdir(cfg, str(tmp_path))
+  before = (tmp_path / "config.json").read_text()
+  other = _config()
+  other.model.dtype = "bfloat16"
+  with pytest.raises(UserError, match="model.dtype"):
+    checkpoint.guard_workdir(other, str(tmp_path))
+  assert (tmp_path / "config.json").read_text() == before
+  longer = _config()
+  longer.train.num_steps = 100   # resumable keys may change
+  checkpoint.guard_workdir(longer, str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("recipe", "nope", "recipe"),
+    ("world", "mars", "mars"),
+    ("train.grad_accum", 3, "grad_accum"),
+    ("ema.kind", "fancy", "ema.kind"),
+    ("model.attention_impl", "magic", "attention_impl"),
+])
+def test_bad_configs_stop_before_compute_naming_the_key(key, value, match):
+  from rcm_jax.training import setup
+  cfg = _config()
+  *parents, leaf = key.split(".")
+  node = cfg
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=match):
+    setup.validate(cfg)
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path):
+  p = _cli("train", "--config=configs/toy/teacher.py:runlocal", "--config.recipe=nope", workdir=str(tmp_path))
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode != 0
+  assert "Unknown recipe 'nope'" in out and "Traceback" not in out
+
+
+def test_sigkill_and_resume_reproduces_the_unbroken_losses(tmp_path):
+  args = ["train", "--config=configs/toy/teacher.py:runlocal", "--config.train.num_steps=10",
+          "--config.train.ckpt_every=3", "--config.train.sample_at_end=False", "--config.train.progress=False"]
+  unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+  p = _cli(*args, workdir=str(unbroken))
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 0, out
+  # kill -9 once step 7 is logged (after the step-6 checkpoint), then resume with the same command
+  p = _cli(*args, workdir=str(broken), start_new_session=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and max(writer.read_losses(str(broken)), default=0) < 7:
+    time.sleep(0.05)
+  os.killpg(p.pid, signal.SIGKILL)
+  p.wait()
+  killed_at = max(writer.read_losses(str(broken)))
+  assert killed_at < 10, "the run finished before it could be killed"
+  p = _cli(*args, workdir=str(broken))
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 0, out
+  a, b = writer.read_losses(str(unbroken)), writer.read_losses(str(broken))
+  assert sorted(a) == sorted(b) == list(range(1, 11))
+  for step in a:
+    assert a[step]["loss"] == b[step]["loss"], (step, a[step], b[step])
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  args = ["train", "--config=configs/toy/teacher.py:runlocal", "--config.train.num_steps=100000",
+          "--config.train.ckpt_every=100000", "--config.train.progress=False"]
+  p = _cli(*args, workdir=str(tmp_path))
+  deadline = time.time() + 300
+  while time.time() < deadline and max(writer.read_losses(str(tmp_path)), default=0) < 3:
+    time.sleep(0.05)
+  p.send_signal(signal.SIGTERM)
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode == 0, out
+  mngr = checkpoint.manager(str(tmp_path / "ckpt"), keep=2, save_every=1)
+  assert mngr.latest_step() >= 3   # the step it stopped at was saved although ckpt_every is huge
+
+
+def test_quickstart_recipe_runlocal_end_to_end(tmp_path):
+  p = _cli("recipe", "--config=configs/toy/quickstart.py:runlocal", workdir=str(tmp_path))
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+  assert set(metrics["calibration"]) >= {"ceiling", "floor"}
+  assert len(metrics["rows"]) == 2
+  assert (tmp_path / "metrics" / "metrics_vs_steps.png").exists()
+  assert (tmp_path / "samples" / "samples" / "samples_2step.mp4").exists()
+  assert any((tmp_path / "teacher" / "tb").iterdir())
+  # a second run skips the finished stages and changes nothing
+  stamp = (tmp_path / "metrics" / "metrics.json").stat().st_mtime
+  p = _cli("recipe", "--config=configs/toy/quickstart.py:runlocal", workdir=str(tmp_path))
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  assert (tmp_path / "metrics" / "metrics.json").stat().st_mtime == stamp
