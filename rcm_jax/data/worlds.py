@@ -441,9 +441,7 @@ class CameraPan:
 
 def _stack(items: list[dict[str, np.ndarray]], world) -> dict[str, np.ndarray]:
   if not items:
-    t, h, w, c = world.frame_shape
-    empty = world.generate(1, 0, "train")
-    return {k: np.zeros((0,) + v.shape[1:], v.dtype) for k, v in empty.items()}
+    raise ValueError(f"{world.name}: num_videos must be >= 1")
   return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
 
