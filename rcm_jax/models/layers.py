@@ -1,0 +1,231 @@
+"""Wan2.1 DiT layers in Flax linen: embeddings, attention, feed-forward and the transformer block.
+
+Module and parameter names mirror diffusers' `WanTransformer3DModel` so a checkpoint maps by a fixed rule:
+`blocks.3.attn1.to_out.0.weight` -> `blocks_3/attn1/to_out_0/kernel` (transposed), `*.norm_q.weight` ->
+`*/norm_q/scale`, `ffn.net.0.proj` -> `ffn/net_0/proj`, `norm2.weight/bias` -> `norm2/scale/bias`.
+
+Precision (as Wan2.1 runs under autocast): params are fp32; dense layers and attention run in
+`config.dtype`; the residual stream, LayerNorms, RMSNorms, time embeddings and AdaLN modulation stay in
+(at least) fp32. "At least" keeps float64 intact for finite-difference tests.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from pallas_kernels.mask import Mask
+from rcm_jax.models.attention import attention
+from rcm_jax.models.config import WanConfig
+from rcm_jax.models.rope import apply_rope
+
+# Wan2.1 init: xavier-uniform linears with zero bias, N(0, 0.02) for the time and text embedders.
+_xavier = nn.initializers.xavier_uniform()
+_embed_init = nn.initializers.normal(0.02)
+
+
+def at_least_f32(x):
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def dense(features: int, name: str, dtype=None, kernel_init=_xavier) -> nn.Dense:
+  """nn.Dense with fp32 params; dtype=None computes in the (promoted) input/param dtype."""
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+                  bias_init=nn.initializers.zeros, name=name)
+
+
+def layer_norm(eps: float, affine: bool, name: str) -> nn.LayerNorm:
+  """FP32LayerNorm: statistics and output in (at least) fp32; feed it `at_least_f32(x)`."""
+  return nn.LayerNorm(epsilon=eps, use_bias=affine, use_scale=affine, use_fast_variance=False, dtype=None,
+                      param_dtype=jnp.float32, name=name)
+
+
+def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0):
+  """Sinusoidal embedding, cos first (diffusers `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`).
+
+  timesteps: [...] (the network's 1000 * t) -> [..., dim] in (at least) fp32.
+  """
+  half = dim // 2
+  t = at_least_f32(jnp.asarray(timesteps))
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=t.dtype) / half)
+  args = t[..., None] * freqs
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedding(nn.Module):
+  """diffusers `TimestepEmbedding`: linear_1 -> silu -> linear_2, in fp32."""
+  dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = dense(self.dim, "linear_1", kernel_init=_embed_init)(at_least_f32(x))
+    return dense(self.dim, "linear_2", kernel_init=_embed_init)(nn.silu(x))
+
+
+class TextProjection(nn.Module):
+  """diffusers `PixArtAlphaTextProjection(act_fn="gelu_tanh")`: linear_1 -> gelu(tanh) -> linear_2."""
+  dim: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    x = dense(self.dim, "linear_1", self.dtype, _embed_init)(x)
+    return dense(self.dim, "linear_2", self.dtype, _embed_init)(nn.gelu(x, approximate=True))
+
+
+class WanConditionEmbedder(nn.Module):
+  """diffusers `WanTimeTextImageEmbedding` (no image branch): time embedding, time projection, text projection."""
+  config: WanConfig
+
+  def setup(self):
+    cfg = self.config
+    self.time_embedder = TimestepEmbedding(cfg.dim)
+    self.time_proj = dense(6 * cfg.dim, "time_proj")
+    self.text_embedder = TextProjection(cfg.dim, cfg.compute_dtype)
+
+  def embed_time(self, timesteps):
+    """timesteps: [B, F] (1000 * t) -> temb [B, F, D] fp32."""
+    return self.time_embedder(timestep_embedding(timesteps, self.config.freq_dim))
+
+  def project_time(self, temb):
+    """temb [B, F, D] -> timestep_proj [B, F, 6, D] fp32 (the six AdaLN vectors of every block)."""
+    proj = self.time_proj(nn.silu(at_least_f32(temb)))
+    return proj.reshape(*proj.shape[:-1], 6, self.config.dim)
+
+  def embed_text(self, context):
+    """context [B, Lc, text_dim] -> [B, Lc, D] in the compute dtype."""
+    return self.text_embedder(context)
+
+
+class WanAttention(nn.Module):
+  """diffusers `WanAttention`: q/k/v/out linears, RMSNorm on q and k across all heads, RoPE for self-attention.
+
+  Split into `project_qkv` (q, k, v with RoPE at given positions) and `attend` (attention against any k/v,
+  then the output linear), so a KV-cache rollout can concatenate cached k/v between the two.
+  """
+  config: WanConfig
+
+  def setup(self):
+    cfg = self.config
+    dt = cfg.compute_dtype
+    self.to_q = dense(cfg.dim, "to_q", dt)
+    self.to_k = dense(cfg.dim, "to_k", dt)
+    self.to_v = dense(cfg.dim, "to_v", dt)
+    self.to_out_0 = dense(cfg.dim, "to_out_0", dt)
+    if cfg.qk_norm:
+      self.norm_q = nn.RMSNorm(epsilon=cfg.eps, dtype=None, param_dtype=jnp.float32)
+      self.norm_k = nn.RMSNorm(epsilon=cfg.eps, dtype=None, param_dtype=jnp.float32)
+
+  def _heads(self, x):  # [B, L, D] -> [B, L, H, Dh]
+    return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.head_dim)
+
+  def _norm(self, norm, x):
+    if not self.config.qk_norm:
+      return x
+    return norm(at_least_f32(x)).astype(x.dtype)
+
+  def project_q(self, x):
+    """x [B, L, D] -> q [B, L, H, Dh] (no RoPE)."""
+    return self._heads(self._norm(self.norm_q if self.config.qk_norm else None, self.to_q(x)))
+
+  def project_kv(self, source):
+    """source [B, Lk, D] -> k, v [B, Lk, H, Dh] (no RoPE)."""
+    k = self._norm(self.norm_k if self.config.qk_norm else None, self.to_k(source))
+    return self._heads(k), self._heads(self.to_v(source))
+
+  def project_qkv(self, x, cos, sin):
+    """Self-attention inputs. x [B, L, D]; cos/sin [L, Dh/2] at the tokens' positions -> q, k, v [B, L, H, Dh]."""
+    q = apply_rope(self.project_q(x), cos, sin)
+    k, v = self.project_kv(x)
+    k = apply_rope(k, cos, sin)
+    return checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
+
+  def attend(self, q, k, v, mask: Mask | None = None, *, tag: str | None = None):
+    """q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] -> [B, Lq, D] after the output linear."""
+    o = attention(q, k, v, mask, impl=self.config.attention_impl)
+    if tag is not None:
+      o = checkpoint_name(o, tag)
+    return self.to_out_0(o.reshape(*o.shape[:2], self.config.dim))
+
+  def self_attention(self, x, cos, sin, mask: Mask | None = None):
+    q, k, v = self.project_qkv(x, cos, sin)
+    return self.attend(q, k, v, mask, tag="attention_out")
+
+  def cross_attention(self, x, context):
+    """x [B, L, D] queries, context [B, Lc, D] keys/values, no RoPE, no mask."""
+    k, v = self.project_kv(context)
+    return self.attend(self.project_q(x), k, v)
+
+
+class GELU(nn.Module):
+  """diffusers `GELU(approximate="tanh")`: a linear `proj`, then gelu(tanh)."""
+  features: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.gelu(dense(self.features, "proj", self.dtype)(x), approximate=True)
+
+
+class FeedForward(nn.Module):
+  """diffusers `FeedForward(activation_fn="gelu-approximate")`: net_0 (GELU proj) -> net_2 (linear)."""
+  config: WanConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    h = GELU(cfg.ffn_dim, cfg.compute_dtype, name="net_0")(x)
+    return dense(cfg.dim, "net_2", cfg.compute_dtype)(h)
+
+
+def _scale_shift_init(dim: int):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.normal(key, shape, dtype) / dim ** 0.5
+  return init
+
+
+class WanBlock(nn.Module):
+  """diffusers `WanTransformerBlock`: AdaLN self-attention, cross-attention, AdaLN feed-forward.
+
+  The six modulation vectors come from `scale_shift_table` (1, 6, D) + the block-shared time projection, one
+  set per frame, broadcast over that frame's tokens. `mask` is the static self-attention mask.
+  """
+  config: WanConfig
+  mask: Mask | None = None
+
+  @nn.compact
+  def __call__(self, x, context, timestep_proj, cos, sin):
+    """x: [B, L, D] residual stream (>= fp32), L = F * S tokens frame-major; context: [B, Lc, D] or None;
+    timestep_proj: [B, F, 6, D]; cos/sin: [L, Dh/2]. Returns the new residual stream [B, L, D]."""
+    cfg = self.config
+    dt = cfg.compute_dtype
+    b, length, d = x.shape
+    num_frames = timestep_proj.shape[1]
+    table = self.param("scale_shift_table", _scale_shift_init(cfg.dim), (1, 6, cfg.dim), jnp.float32)
+    mod = table[None] + at_least_f32(timestep_proj)                      # [B, F, 6, D]
+    shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (mod[:, :, i] for i in range(6))
+
+    def per_frame(h):  # [B, L, D] -> [B, F, S, D]
+      return h.reshape(b, num_frames, length // num_frames, d)
+
+    def modulate(h, shift, scale):  # AdaLN in fp32, then to the compute dtype
+      h = per_frame(h) * (1 + scale[:, :, None]) + shift[:, :, None]
+      return h.reshape(b, length, d).astype(dt)
+
+    def gated(h, gate):
+      return (per_frame(at_least_f32(h)) * gate[:, :, None]).reshape(b, length, d)
+
+    # 1. self-attention
+    h = modulate(layer_norm(cfg.eps, False, "norm1")(x), shift_msa, scale_msa)
+    x = x + gated(WanAttention(cfg, name="attn1").self_attention(h, cos, sin, self.mask), gate_msa)
+    # 2. cross-attention (no gate, no modulation)
+    if context is not None:
+      h = layer_norm(cfg.eps, True, "norm2")(x) if cfg.cross_attn_norm else x
+      x = x + at_least_f32(WanAttention(cfg, name="attn2").cross_attention(h.astype(dt), context))
+    # 3. feed-forward
+    h = modulate(layer_norm(cfg.eps, False, "norm3")(x), c_shift_msa, c_scale_msa)
+    x = x + gated(FeedForward(cfg, name="ffn")(h), c_gate_msa)
+    return x

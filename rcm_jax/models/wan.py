@@ -1,0 +1,223 @@
+"""The Wan2.1 DiT (`WanModel`), causal-capable: per-frame times, static attention masks, shared RoPE positions.
+
+Follows diffusers' `WanTransformer3DModel` layer for layer (see `layers.py`), channels-last. Additions for
+Causal-rCM: one timestep per latent frame (`t: [B, F]`), a `pallas_kernels.Mask` over the token sequence,
+explicit RoPE frame positions (teacher forcing packs `[clean | noisy]` with the same positions twice), class
+labels as context tokens and per-frame actions added to the time embedding (toy worlds), and an i2v-style
+`y` concatenated to `x` on channels.
+
+Also here: `remat_policy` (one function from names to policies), `build_model`, `init_params`,
+`count_params` (shape-only) and converters between per-layer (`blocks_{i}`) and scanned (`blocks`) params.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.mask import Mask
+from rcm_jax.models.config import REMAT_POLICIES, WanConfig, get_config
+from rcm_jax.models.layers import WanBlock, WanConditionEmbedder, at_least_f32, dense, layer_norm
+from rcm_jax.models.rope import rope_tables
+
+# Tensors tagged with `checkpoint_name` in the self-attention (see layers.WanAttention).
+ATTENTION_NAMES = ("query", "key", "value", "attention_out")
+
+
+def remat_policy(name: str):
+  """Remat policy by name -> (use_remat, jax checkpoint policy).
+
+  none: no remat (store everything). full: recompute the whole block in the backward pass.
+  dots_saveable: keep matmul outputs, recompute elementwise ops. attention_only: keep only the self-attention's
+  q, k, v and output, so the backward pass never re-runs the quadratic attention; everything else is recomputed.
+  """
+  if name == "none":
+    return False, None
+  if name == "full":
+    return True, jax.checkpoint_policies.nothing_saveable
+  if name == "dots_saveable":
+    return True, jax.checkpoint_policies.dots_saveable
+  if name == "attention_only":
+    return True, jax.checkpoint_policies.save_only_these_names(*ATTENTION_NAMES)
+  raise ValueError(f"unknown remat_policy {name!r}; use one of {REMAT_POLICIES}.")
+
+
+def _scan_body(block, x, context, timestep_proj, cos, sin):
+  return block(x, context, timestep_proj, cos, sin), None
+
+
+class WanModel(nn.Module):
+  """Wan2.1 DiT predicting the rectified-flow velocity `eps - x0`. See `__call__`."""
+  config: WanConfig
+
+  @nn.compact
+  def __call__(self, x, t, *, context=None, labels=None, actions=None, y=None, mask: Mask | None = None,
+               frame_positions=None):
+    """Velocity [B, T, H, W, out_channels] in fp32 (float64 if x is float64).
+
+    x: [B, T, H, W, in_channels] latents, channels-last.
+    t: [B, F] time in [0, 1] per (post-patch) latent frame, F = T // patch_size[0] (= T for Wan), or [B]
+       for one time per sample. The network receives 1000 * t.
+    context: [B, Lc, text_dim] text embeddings. labels: [B, K] int class tokens (index num_classes = null),
+       embedded as extra context tokens after `context`. Neither: cross-attention is skipped.
+    actions: [B, F] int per-frame actions (index num_actions = null), added to the per-frame time embedding.
+    y: [B, T, H, W, cond_channels] concatenated to x on channels before the patch embedding (i2v style).
+    mask: static `pallas_kernels.Mask` [L, L] over the L = F * (H / ph) * (W / pw) tokens (frame-major).
+    frame_positions: int[F] RoPE frame index per frame (default arange(F)); teacher forcing passes
+       concat(arange(F / 2), arange(F / 2)).
+    """
+    cfg = self.config
+    dt = cfg.compute_dtype
+    if x.ndim != 5:
+      raise ValueError(f"x must be [B, T, H, W, C], got shape {x.shape}.")
+    b, num_t, height, width, _ = x.shape
+    pt, ph, pw = cfg.patch_size
+    for name, size, p in (("frames T", num_t, pt), ("height H", height, ph), ("width W", width, pw)):
+      if size % p:
+        raise ValueError(f"x {name} = {size} is not divisible by patch_size {cfg.patch_size} (config key "
+                         "patch_size); resize the latents or change patch_size.")
+    f, hp, wp = num_t // pt, height // ph, width // pw
+    num_tokens = f * hp * wp
+
+    # --- patch embedding: Conv3d with kernel = stride = patch_size ---
+    if y is not None:
+      x = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
+    if x.shape[-1] != cfg.in_channels + cfg.cond_channels:
+      raise ValueError(f"x (+ y) has {x.shape[-1]} channels but the config expects in_channels + cond_channels = "
+                       f"{cfg.in_channels} + {cfg.cond_channels}; pass y exactly when cond_channels > 0 "
+                       "(config keys in_channels, cond_channels).")
+    h = nn.Conv(cfg.dim, kernel_size=cfg.patch_size, strides=cfg.patch_size, padding="VALID", dtype=dt,
+                param_dtype=jnp.float32, name="patch_embedding")(x.astype(dt))
+    h = at_least_f32(h.reshape(b, num_tokens, cfg.dim))                 # residual stream [B, L, D]
+
+    # --- time (+ action) embedding, per frame, fp32 ---
+    t = jnp.asarray(t)
+    if t.ndim == 1:
+      t = jnp.broadcast_to(t[:, None], (t.shape[0], f))
+    if t.shape != (b, f):
+      raise ValueError(f"t must be [B, F] = {(b, f)} (one time per latent frame) or [B], got {t.shape}.")
+    cond = WanConditionEmbedder(cfg, name="condition_embedder")
+    temb = cond.embed_time(1000.0 * at_least_f32(t))                     # [B, F, D]
+    if actions is not None:
+      if cfg.num_actions <= 0:
+        raise ValueError("actions were given but config num_actions = 0; set num_actions.")
+      if actions.shape != (b, f):
+        raise ValueError(f"actions must be [B, F] = {(b, f)}, got {actions.shape}.")
+    if cfg.num_actions > 0:
+      # Zero-initialised: a pretrained Wan checkpoint is unchanged until the action embedding learns.
+      embed = nn.Embed(cfg.num_actions + 1, cfg.dim, param_dtype=jnp.float32,
+                       embedding_init=nn.initializers.zeros, name="action_embedder")
+      if actions is None:
+        actions = jnp.full((b, f), cfg.num_actions, jnp.int32)
+      temb = temb + at_least_f32(embed(actions)).astype(temb.dtype)
+    timestep_proj = cond.project_time(temb)                             # [B, F, 6, D]
+
+    # --- context tokens ---
+    tokens = []
+    if context is not None:
+      if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.text_dim:
+        raise ValueError(f"context must be [B, Lc, text_dim] = [{b}, Lc, {cfg.text_dim}], got {context.shape} "
+                         "(config key text_dim).")
+      tokens.append(context.astype(dt))
+    if labels is not None:
+      if cfg.num_classes <= 0:
+        raise ValueError("labels were given but config num_classes = 0; set num_classes.")
+      if labels.ndim != 2 or labels.shape[0] != b:
+        raise ValueError(f"labels must be [B, K] ints, got {labels.shape}.")
+    if cfg.num_classes > 0:
+      if labels is None and (context is None or self.is_initializing()):
+        labels = jnp.full((b, 1), cfg.num_classes, jnp.int32)  # the null class: unconditional
+      embed = nn.Embed(cfg.num_classes + 1, cfg.text_dim, param_dtype=jnp.float32,
+                       embedding_init=nn.initializers.normal(1.0), name="label_embedder")
+      if labels is not None:
+        tokens.append(embed(labels).astype(dt))
+    if not tokens and self.is_initializing():
+      # Create the cross-attention params whatever the init inputs, so one config has one param tree.
+      tokens.append(jnp.zeros((b, 1, cfg.text_dim), dt))
+    ctx = cond.embed_text(jnp.concatenate(tokens, axis=1)) if tokens else None   # [B, Lc, D]
+
+    # --- 3D RoPE and the mask ---
+    if frame_positions is None:
+      frame_positions = np.arange(f)
+    elif not hasattr(frame_positions, "shape"):
+      frame_positions = np.asarray(frame_positions)
+    if frame_positions.shape != (f,):
+      raise ValueError(f"frame_positions must be [F] = [{f}], got {frame_positions.shape}.")
+    cos, sin = rope_tables(frame_positions, hp, wp, head_dim=cfg.head_dim, theta=cfg.rope_theta,
+                           max_len=cfg.rope_max_seq_len)
+    if mask is not None and mask.shape != (num_tokens, num_tokens):
+      raise ValueError(f"mask shape {mask.shape} != (L, L) with L = F * H/ph * W/pw = {f} * {hp} * {wp} = "
+                       f"{num_tokens}; build it with tokens_per_frame = {hp * wp} and num_frames = {f}.")
+
+    # --- transformer blocks ---
+    use_remat, policy = remat_policy(cfg.remat_policy)
+    block_cls = nn.remat(WanBlock, policy=policy, prevent_cse=not cfg.scan_layers) if use_remat else WanBlock
+    if cfg.scan_layers:
+      blocks = block_cls(cfg, mask=mask, name="blocks")
+      h, _ = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(nn.broadcast,) * 4, length=cfg.num_layers)(blocks, h, ctx, timestep_proj, cos, sin)
+    else:
+      for i in range(cfg.num_layers):
+        h = block_cls(cfg, mask=mask, name=f"blocks_{i}")(h, ctx, timestep_proj, cos, sin)
+
+    # --- output head: LayerNorm, (shift, scale) = scale_shift_table + temb, linear, unpatchify; fp32 ---
+    table = self.param("scale_shift_table", lambda k, s: jax.random.normal(k, s) / cfg.dim ** 0.5,
+                       (1, 2, cfg.dim))
+    mod = table[None] + at_least_f32(temb)[:, :, None, :]               # [B, F, 2, D]
+    shift, scale = mod[:, :, 0, None], mod[:, :, 1, None]               # [B, F, 1, D]
+    h = layer_norm(cfg.eps, False, "norm_out")(h).reshape(b, f, hp * wp, cfg.dim)
+    h = (h * (1 + scale) + shift).reshape(b, num_tokens, cfg.dim)
+    h = dense(cfg.out_channels * math.prod(cfg.patch_size), "proj_out", kernel_init=nn.initializers.zeros)(h)
+    h = h.reshape(b, f, hp, wp, pt, ph, pw, cfg.out_channels)
+    h = h.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, num_t, height, width, cfg.out_channels)
+    return at_least_f32(h)
+
+
+def build_model(size_or_config: "str | WanConfig" = "tiny", **overrides) -> WanModel:
+  """WanModel from a size name in `config.SIZES` (or a WanConfig) plus field overrides."""
+  return WanModel(get_config(size_or_config, **overrides))
+
+
+def dummy_inputs(config: WanConfig, batch: int = 1, frames: int = 1) -> tuple[tuple, dict]:
+  """Smallest (args, kwargs) that create every parameter (param shapes do not depend on input sizes)."""
+  pt, ph, pw = config.patch_size
+  x = jnp.zeros((batch, frames * pt, ph, pw, config.in_channels), jnp.float32)
+  kwargs = {"context": jnp.zeros((batch, 1, config.text_dim), jnp.float32)}
+  if config.cond_channels:
+    kwargs["y"] = jnp.zeros((batch, frames * pt, ph, pw, config.cond_channels), jnp.float32)
+  return (x, jnp.zeros((batch, frames), jnp.float32)), kwargs
+
+
+def init_params(config: "str | WanConfig", rng):
+  """Freshly initialised fp32 params of the model for `config` (a size name or WanConfig)."""
+  config = get_config(config)
+  args, kwargs = dummy_inputs(config)
+  return WanModel(config).init(rng, *args, **kwargs)["params"]
+
+
+def count_params(config: "str | WanConfig") -> int:
+  """Number of parameters, from shapes only (`jax.eval_shape`, nothing allocated)."""
+  config = get_config(config)
+  args, kwargs = dummy_inputs(config)
+  shapes = jax.eval_shape(lambda: WanModel(config).init(jax.random.key(0), *args, **kwargs)["params"])
+  return int(sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)))
+
+
+def loop_to_scan_params(params, num_layers: int):
+  """Per-layer params (`blocks_0` ... `blocks_{n-1}`) -> scanned params (`blocks`, leading layer axis)."""
+  params = dict(params)
+  layers = [params.pop(f"blocks_{i}") for i in range(num_layers)]
+  params["blocks"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+  return params
+
+
+def scan_to_loop_params(params, num_layers: int):
+  """Scanned params (`blocks`, leading layer axis) -> per-layer params (`blocks_{i}`)."""
+  params = dict(params)
+  stacked = params.pop("blocks")
+  for i in range(num_layers):
+    params[f"blocks_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+  return params
