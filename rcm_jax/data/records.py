@@ -67,7 +67,7 @@ def decode_example(data: bytes) -> dict[str, np.ndarray]:
 
 
 def dataset_dir(root: str | os.PathLike, world_name: str, split: str) -> str:
-  return os.path.join(os.fspath(root), f"{world_name}_{split}")
+  return os.path.join(os.fspath(root), f"{world_name}_{worlds_lib.canonical_split(split)}")
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -165,7 +165,7 @@ def ensure_dataset(world_name: str, world_config: Any, num_videos: int, seed: in
   data written for another request; nothing is ever overwritten.
   """
   world = worlds_lib.get_world(world_name, world_config)
-  worlds_lib._split_id(split)
+  split = worlds_lib.canonical_split(split)
   path = dataset_dir(root, world_name, split)
   if os.path.exists(path):
     if not os.path.exists(os.path.join(path, MANIFEST)):

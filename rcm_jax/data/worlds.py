@@ -33,7 +33,8 @@ NULL_LABEL = NUM_CLASSES
 NUM_ACTIONS = 5
 NULL_ACTION = NUM_ACTIONS
 ACTION_NAMES = ("stay", "up", "down", "left", "right")
-SPLITS = {"train": 0, "test": 1}
+SPLITS = {"train": 0, "test": 1}  # "test" is the held-out split: evaluation conditions and the metric ceiling
+SPLIT_ALIASES = {"eval": "test", "heldout": "test"}
 _WORLD_IDS = {"moving_digits": 0, "camera_pan": 1}
 
 
@@ -59,10 +60,16 @@ def _config_from(cls, config: Any):
   return cls(**dict(config))
 
 
-def _split_id(split: str) -> int:
+def canonical_split(split: str) -> str:
+  """'train' or 'test' ('eval' and 'heldout' are accepted aliases of 'test')."""
+  split = SPLIT_ALIASES.get(split, split)
   if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; known splits: {sorted(SPLITS)}")
-  return SPLITS[split]
+    raise ValueError(f"unknown split {split!r}; known splits: {sorted(SPLITS)} (aliases {SPLIT_ALIASES})")
+  return split
+
+
+def _split_id(split: str) -> int:
+  return SPLITS[canonical_split(split)]
 
 
 def _video_rng(world: str, seed: int, split: str, index: int) -> np.random.Generator:
@@ -244,9 +251,14 @@ class MovingDigits:
 
   def generate(self, num_videos: int, seed: int, split: str = "train", *, start: int = 0) -> dict[str, np.ndarray]:
     """Videos start..start+num_videos-1: `video` float32 [N, T, H, W, C] plus the metadata in `meta_keys`."""
-    _split_id(split)
+    split = canonical_split(split)
     items = [self._one(_video_rng(self.name, seed, split, start + i), split) for i in range(num_videos)]
     return _stack(items, self)
+
+  def model_overrides(self) -> dict[str, int]:
+    """Model config keys this world fixes: latent channels and the label vocabulary."""
+    c = self.config.channels
+    return {"in_channels": c, "out_channels": c, "num_classes": NUM_CLASSES}
 
   def model_inputs(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"labels": np.asarray(batch["labels"], np.int32)}  # [B, max_digits]
@@ -415,9 +427,14 @@ class CameraPan:
 
   def generate(self, num_videos: int, seed: int, split: str = "train", *, start: int = 0) -> dict[str, np.ndarray]:
     """Videos start..start+num_videos-1: `video` float32 [N, T, H, W, C] plus the metadata in `meta_keys`."""
-    _split_id(split)
+    canonical_split(split)
     items = [self._one(_video_rng(self.name, seed, split, start + i)) for i in range(num_videos)]
     return _stack(items, self)
+
+  def model_overrides(self) -> dict[str, int]:
+    """Model config keys this world fixes: latent channels, the action vocabulary and the y channels."""
+    c = self.config.channels
+    return {"in_channels": c, "out_channels": c, "num_actions": NUM_ACTIONS, "cond_channels": c + 1}
 
   def model_inputs(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     actions = np.asarray(batch["actions"], np.int32)  # [B, T]
@@ -453,6 +470,11 @@ def get_world(name: str, config: Any = None):
   if name not in WORLDS:
     raise ValueError(f"unknown world {name!r}; known worlds: {sorted(WORLDS)}")
   return WORLDS[name](config)
+
+
+def model_overrides(name: str, config: Any = None) -> dict[str, int]:
+  """Model config keys (in/out channels, num_classes or num_actions, cond_channels) the world fixes."""
+  return get_world(name, config).model_overrides()
 
 
 def world_config_dict(world) -> dict[str, Any]:
