@@ -1,0 +1,322 @@
+"""Wan2.1 DiT: shapes, per-frame times, causality under block-causal and teacher-forcing masks, JVP vs finite
+differences, scan/remat equivalence, bf16, parameter count of Wan2.1-1.3B, and config validation."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rcm_jax.models import (WanModel, attention, build_model, count_params, get_config, init_params,
+                            loop_to_scan_params, masks, scan_to_loop_params)
+
+B, H, W = 2, 4, 4           # 2 x 2 patches per frame with patch (1, 2, 2)
+TPF = (H // 2) * (W // 2)   # tokens per frame
+NF = 5                      # latent frames; pattern c1-2: blocks [0], [1, 2], [3, 4]
+PATTERN = dict(first_chunk_frames=1, chunk_frames=2)
+CFG = get_config("tiny", num_classes=3, num_actions=3)
+
+
+def _randomize(params, key, scale=0.2):
+  """Perturb every leaf so nothing is zero (Wan zero-initialises the output head and action embedding)."""
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return tree.unflatten([p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+
+
+@functools.lru_cache(maxsize=None)
+def _params(cfg):
+  return _randomize(init_params(cfg, jax.random.key(0)), jax.random.key(1))
+
+
+@functools.lru_cache(maxsize=None)
+def _labels_fn(cfg, mask):
+  """jit(apply) with labels/actions/frame_positions (traced); the static mask is closed over."""
+  model = WanModel(cfg)
+  return jax.jit(lambda p, x, t, labels, actions, pos: model.apply(
+      {"params": p}, x, t, labels=labels, actions=actions, mask=mask, frame_positions=pos))
+
+
+def _inputs(key, nf=NF, cfg=CFG):
+  kx, kt, kl, ka = jax.random.split(key, 4)
+  x = jax.random.normal(kx, (B, nf, H, W, cfg.in_channels))
+  t = jax.random.uniform(kt, (B, nf), minval=0.1, maxval=0.9)
+  labels = jax.random.randint(kl, (B, 2), 0, cfg.num_classes)
+  actions = jax.random.randint(ka, (B, nf), 0, cfg.num_actions)
+  return x, t, labels, actions
+
+
+def _frame_diff(a, b):
+  """Max |a - b| per frame: [T]."""
+  return np.asarray(jnp.abs(a - b).max(axis=(0, 2, 3, 4)))
+
+
+def _assert_changed(diff, changed, n):
+  for f in range(n):
+    if f in changed:
+      assert diff[f] > 1e-4, (f, diff)
+    else:
+      assert diff[f] <= 1e-6, (f, diff)
+
+
+# --- shapes, dtypes, conditioning ---
+
+def test_shapes_and_dtypes():
+  cfg = get_config("tiny")
+  model = WanModel(cfg)
+  x = jax.random.normal(jax.random.key(2), (B, 3, H, W, cfg.in_channels))
+  ctx = jax.random.normal(jax.random.key(3), (B, 5, cfg.text_dim))
+  params = init_params(cfg, jax.random.key(0))
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+  fn = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, context=ctx))
+  out = fn(_randomize(params, jax.random.key(1)), x, jnp.full((B, 3), 0.3))
+  assert out.shape == (B, 3, H, W, cfg.out_channels) and out.dtype == jnp.float32
+  # at init the output head is zero (Wan's init), so the velocity starts at 0
+  assert float(jnp.abs(fn(params, x, jnp.full((B, 3), 0.3))).max()) == 0.0
+
+
+def test_no_context_and_i2v_channels():
+  cfg = get_config("tiny", cond_channels=2)
+  model = WanModel(cfg)
+  x = jax.random.normal(jax.random.key(2), (1, 2, H, W, cfg.in_channels))
+  y = jax.random.normal(jax.random.key(3), (1, 2, H, W, 2))
+  variables = model.init(jax.random.key(0), x, jnp.zeros((1, 2)), y=y)   # no context at init
+  assert "attn2" in variables["params"]["blocks_0"]                        # same tree as with context
+  params = _randomize(variables["params"], jax.random.key(1))
+  out = model.apply({"params": params}, x, jnp.full((1, 2), 0.5), y=y)
+  assert out.shape == (1, 2, H, W, cfg.out_channels)
+  # one time per sample ([B]) is the same as that time on every frame
+  np.testing.assert_allclose(model.apply({"params": params}, x, jnp.full((1,), 0.5), y=y), out, atol=1e-6)
+  out2 = model.apply({"params": params}, x, jnp.full((1, 2), 0.5), y=y + 1.0)
+  assert float(jnp.abs(out2 - out).max()) > 1e-4
+  with pytest.raises(ValueError, match="cond_channels"):
+    model.apply({"params": params}, x, jnp.full((1, 2), 0.5))
+
+
+def test_labels_and_actions_condition():
+  mask = masks.block_causal(NF, TPF, **PATTERN)
+  fn, p = _labels_fn(CFG, mask), _params(CFG)
+  x, t, labels, actions = _inputs(jax.random.key(4))
+  pos = jnp.arange(NF)
+  out = fn(p, x, t, labels, actions, pos)
+  assert float(jnp.abs(fn(p, x, t, (labels + 1) % 3, actions, pos) - out).max()) > 1e-4
+  # a different action at frame 3 (block 2) changes that block only
+  _assert_changed(_frame_diff(fn(p, x, t, labels, actions.at[:, 3].add(1) % 3, pos), out), {3, 4}, NF)
+  # the action embedding is zero at init: a fresh model ignores actions
+  p0 = init_params(CFG, jax.random.key(0))
+  p0 = dict(p0, proj_out=_params(CFG)["proj_out"])
+  np.testing.assert_array_equal(fn(p0, x, t, labels, actions, pos), fn(p0, x, t, labels, (actions + 1) % 3, pos))
+
+
+# --- causality ---
+
+def test_per_frame_times_block_causal():
+  mask = masks.block_causal(NF, TPF, **PATTERN)
+  fn, p = _labels_fn(CFG, mask), _params(CFG)
+  x, t, labels, actions = _inputs(jax.random.key(5))
+  pos = jnp.arange(NF)
+  out = fn(p, x, t, labels, actions, pos)
+  _assert_changed(_frame_diff(fn(p, x, t.at[:, 1].set(0.95), labels, actions, pos), out), {1, 2, 3, 4}, NF)
+  _assert_changed(_frame_diff(fn(p, x, t.at[:, 4].set(0.95), labels, actions, pos), out), {3, 4}, NF)
+
+
+def test_block_causal_perturbation():
+  mask = masks.block_causal(NF, TPF, **PATTERN)
+  fn, p = _labels_fn(CFG, mask), _params(CFG)
+  x, t, labels, actions = _inputs(jax.random.key(6))
+  pos = jnp.arange(NF)
+  out = fn(p, x, t, labels, actions, pos)
+  noise = jax.random.normal(jax.random.key(7), x.shape)
+  for frames, changed in (((1, 2), {1, 2, 3, 4}), ((3, 4), {3, 4}), ((0,), set(range(NF)))):
+    x2 = x.at[:, frames].add(noise[:, frames])
+    _assert_changed(_frame_diff(fn(p, x2, t, labels, actions, pos), out), changed, NF)
+
+
+def _tf_inputs(key):
+  x, t, labels, actions = _inputs(key)
+  x_clean, x_noisy = x, jax.random.normal(jax.random.fold_in(key, 1), x.shape)
+  packed = jnp.concatenate([x_clean, x_noisy], axis=1)
+  t_packed = jnp.concatenate([jnp.zeros_like(t), t], axis=1)
+  a_packed = jnp.concatenate([actions, actions], axis=1)
+  pos = jnp.concatenate([jnp.arange(NF), jnp.arange(NF)])   # same RoPE positions for both halves
+  return x_clean, x_noisy, t, labels, actions, packed, t_packed, a_packed, pos
+
+
+def test_teacher_forcing_perturbation():
+  mask = masks.teacher_forcing(NF, TPF, **PATTERN)
+  fn, p = _labels_fn(CFG, mask), _params(CFG)
+  _, _, _, labels, _, packed, t_packed, a_packed, pos = _tf_inputs(jax.random.key(8))
+  out = fn(p, packed, t_packed, labels, a_packed, pos)
+  noise = jax.random.normal(jax.random.key(9), packed.shape)
+  cases = [  # (perturbed packed frames, frames whose output must change); clean = 0..4, noisy = 5..9
+      ((6, 7), {6, 7}),                  # noisy block 1: only itself
+      ((8, 9), {8, 9}),                  # noisy block 2
+      ((5,), {5}),                       # noisy block 0
+      ((1, 2), {1, 2, 3, 4, 8, 9}),      # clean block 1: clean blocks >= 1, noisy blocks > 1
+      ((0,), {0, 1, 2, 3, 4, 6, 7, 8, 9}),  # clean block 0: everything but noisy block 0
+  ]
+  for frames, changed in cases:
+    x2 = packed.at[:, frames].add(noise[:, frames])
+    _assert_changed(_frame_diff(fn(p, x2, t_packed, labels, a_packed, pos), out), changed, 2 * NF)
+
+
+def test_teacher_forcing_equals_causal_on_mixed_sequence():
+  """Noisy block i under teacher forcing == block-causal model on [clean blocks < i, noisy block i]."""
+  tf_fn = _labels_fn(CFG, masks.teacher_forcing(NF, TPF, **PATTERN))
+  bc_fn = _labels_fn(CFG, masks.block_causal(NF, TPF, **PATTERN))
+  p = _params(CFG)
+  x_clean, x_noisy, t, labels, actions, packed, t_packed, a_packed, pos = _tf_inputs(jax.random.key(10))
+  out_tf = tf_fn(p, packed, t_packed, labels, a_packed, pos)
+  for f0, f1 in masks.block_frame_ranges(NF, **PATTERN):
+    x_mix = x_clean.at[:, f0:f1].set(x_noisy[:, f0:f1])
+    t_mix = jnp.zeros_like(t).at[:, f0:f1].set(t[:, f0:f1])
+    out_bc = bc_fn(p, x_mix, t_mix, labels, actions, jnp.arange(NF))
+    np.testing.assert_allclose(out_tf[:, NF + f0:NF + f1], out_bc[:, f0:f1], atol=2e-5, rtol=1e-5)
+  # and the clean half of teacher forcing is the block-causal model on the clean video
+  out_clean = bc_fn(p, x_clean, jnp.zeros_like(t), labels, actions, jnp.arange(NF))
+  np.testing.assert_allclose(out_tf[:, :NF], out_clean, atol=2e-5, rtol=1e-5)
+
+
+# --- transforms and numerics ---
+
+def test_jvp_matches_central_difference_float64():
+  with jax.enable_x64(True):
+    cfg = CFG.replace(dtype="float64")
+    mask = masks.block_causal(3, TPF, first_chunk_frames=1, chunk_frames=1)
+    model = WanModel(cfg)
+    p = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), _params(CFG))
+    x, t, labels, actions = _inputs(jax.random.key(11), nf=3)
+    x, t = x.astype(jnp.float64), t.astype(jnp.float64)
+    dx = jax.random.normal(jax.random.key(12), x.shape, jnp.float64)
+    # The network sees 1000 * t inside cos/sin: with a unit t-tangent the finite difference's truncation
+    # error (h^2 times a third derivative of order 1e9) dominates; a 1e-3 tangent weighs x and t alike.
+    dt = 1e-3 * jax.random.uniform(jax.random.key(13), t.shape, jnp.float64)
+
+    def f(x, t):
+      return model.apply({"params": p}, x, t, labels=labels, actions=actions, mask=mask)
+
+    out, tangent = jax.jit(lambda x, t: jax.jvp(f, (x, t), (dx, dt)))(x, t)
+    assert out.dtype == jnp.float64 and tangent.dtype == jnp.float64
+    f_jit, h = jax.jit(f), 1e-5
+    fd = (f_jit(x + h * dx, t + h * dt) - f_jit(x - h * dx, t - h * dt)) / (2 * h)
+    scale = float(jnp.abs(tangent).max())
+    assert scale > 1e-3
+    np.testing.assert_allclose(np.asarray(tangent), np.asarray(fd), atol=1e-7 * scale, rtol=1e-6)
+  assert jnp.zeros(()).dtype == jnp.float32  # x64 did not leak
+
+
+def test_scan_and_remat_match_loop():
+  mask = masks.block_causal(NF, TPF, **PATTERN)
+  x, t, labels, actions = _inputs(jax.random.key(14))
+  p_loop = _params(CFG)
+  p_scan = loop_to_scan_params(p_loop, CFG.num_layers)
+  assert p_scan["blocks"]["attn1"]["to_q"]["kernel"].shape == (CFG.num_layers, CFG.dim, CFG.dim)
+  back = scan_to_loop_params(p_scan, CFG.num_layers)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), back, p_loop))
+
+  def loss_and_grad(cfg, p):
+    model = WanModel(cfg)
+    loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, labels=labels, actions=actions, mask=mask) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(p)
+
+  ref_loss, ref_grad = loss_and_grad(CFG, p_loop)
+  # remat changes what the backward pass stores, never the values; dots_saveable is the same mechanism
+  for scan, policy in ((True, "full"), (False, "attention_only")):
+    cfg = CFG.replace(scan_layers=scan, remat_policy=policy)
+    loss, grad = loss_and_grad(cfg, p_scan if scan else p_loop)
+    if scan:
+      grad = scan_to_loop_params(grad, CFG.num_layers)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grad, ref_grad)
+
+
+def test_bf16_compute_close_to_fp32():
+  mask = masks.block_causal(NF, TPF, **PATTERN)
+  x, t, labels, actions = _inputs(jax.random.key(15))
+  p = _params(CFG)
+  out32 = _labels_fn(CFG, mask)(p, x, t, labels, actions, jnp.arange(NF))
+  out16 = _labels_fn(CFG.replace(dtype="bfloat16"), mask)(p, x, t, labels, actions, jnp.arange(NF))
+  assert out16.dtype == jnp.float32
+  rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
+  assert rel < 3e-2, rel
+
+
+# --- attention entry point ---
+
+def test_attention_entry_point():
+  kq, kk, kv = jax.random.split(jax.random.key(16), 3)
+  q = jax.random.normal(kq, (2, 6, 4, 8))
+  k = jax.random.normal(kk, (2, 6, 2, 8))
+  v = jax.random.normal(kv, (2, 6, 2, 8))
+  mask = masks.block_causal(3, 2, first_chunk_frames=1, chunk_frames=1)
+  # plain softmax attention written here, with grouped k/v heads repeated
+  kr, vr = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, kr) / math.sqrt(8)
+  s = jnp.where(jnp.asarray(mask.to_dense()), s, -jnp.inf)
+  want = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), vr)
+  np.testing.assert_allclose(attention(q, k, v, mask, impl="xla"), want, atol=1e-5)
+  with pytest.raises(ValueError, match="xla.*pallas.*cudnn"):
+    attention(q, k, v, impl="flash")
+  with pytest.raises(ValueError, match="pallas"):
+    attention(q, k, v, mask, impl="cudnn")
+
+
+# --- sizes and validation ---
+
+def _analytic_count(dim, layers, ffn, heads, in_ch, out_ch, text_dim, freq_dim, patch):
+  """Parameters of diffusers' WanTransformer3DModel (no image branch), counted from its __init__."""
+  del heads  # head count does not change the parameter count
+  lin = lambda i, o: i * o + o
+  p = math.prod(patch)
+  patch_embedding = in_ch * p * dim + dim                              # Conv3d weight + bias
+  time_embedder = lin(freq_dim, dim) + lin(dim, dim)
+  time_proj = lin(dim, 6 * dim)
+  text_embedder = lin(text_dim, dim) + lin(dim, dim)
+  attn = 4 * lin(dim, dim) + 2 * dim                                   # q, k, v, out + norm_q, norm_k
+  block = 2 * attn + 2 * dim + lin(dim, ffn) + lin(ffn, dim) + 6 * dim  # attn1, attn2, norm2, ffn, table
+  head = 2 * dim + lin(dim, out_ch * p)                                # scale_shift_table + proj_out
+  return patch_embedding + time_embedder + time_proj + text_embedder + layers * block + head
+
+
+def test_count_params_wan_1p3b_matches_analytic():
+  want = _analytic_count(1536, 30, 8960, 12, 16, 16, 4096, 256, (1, 2, 2))
+  assert want == 1_418_996_800  # Wan2.1-1.3B: "1.3B" / 1.42B
+  assert count_params("wan_1p3b") == want
+  tiny = get_config("tiny")
+  n = sum(a.size for a in jax.tree_util.tree_leaves(init_params(tiny, jax.random.key(0))))
+  assert count_params(tiny) == n == _analytic_count(tiny.dim, tiny.num_layers, tiny.ffn_dim, tiny.num_heads,
+                                                    tiny.in_channels, tiny.out_channels, tiny.text_dim,
+                                                    tiny.freq_dim, tiny.patch_size)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (dict(dim=50, num_heads=3), "dim"),                 # not divisible
+    (dict(dim=128, num_heads=2), "num_heads"),          # head_dim 64: RoPE split disagrees with diffusers
+    (dict(dim=42, num_heads=6), "num_heads"),           # head_dim 7: odd
+    (dict(remat_policy="some"), "remat_policy"),
+    (dict(attention_impl="flash"), "attention_impl"),
+    (dict(dtype="int8"), "dtype"),
+    (dict(patch_size=(1, 2)), "patch_size"),
+    (dict(num_layerz=3), "num_layerz"),                 # unknown field
+])
+def test_bad_configs_name_the_key(overrides, key):
+  with pytest.raises(ValueError, match=key):
+    build_model("tiny", **overrides)
+
+
+def test_bad_inputs_name_the_fix():
+  with pytest.raises(ValueError, match="unknown model size.*tiny"):
+    build_model("wan_2b")
+  model = build_model("tiny")
+  p = _params(get_config("tiny"))
+  x = jnp.zeros((1, 2, 5, 4, 4))
+  with pytest.raises(ValueError, match="patch_size"):
+    model.apply({"params": p}, x, jnp.zeros((1, 2)))
+  x = jnp.zeros((1, 2, 4, 4, 4))
+  with pytest.raises(ValueError, match="tokens_per_frame"):
+    model.apply({"params": p}, x, jnp.zeros((1, 2)), mask=masks.block_causal(3, TPF, **PATTERN))
+  with pytest.raises(ValueError, match=r"t must be \[B, F\]"):
+    model.apply({"params": p}, x, jnp.zeros((1, 3)))
+  with pytest.raises(ValueError, match="num_classes"):
+    model.apply({"params": p}, x, jnp.zeros((1, 2)), labels=jnp.zeros((1, 1), jnp.int32))
