@@ -3,7 +3,7 @@
 This file owns:
   camera/psnr             dB, frames 1..T-1 (frame 0 is the conditioning frame) against the true crops for
                           the same photo, start origin and actions; per-video MSE, capped at 60 dB (exact).
-  camera/ssim             mean SSIM (Gaussian window, sigma 1.5, data range 2) over the same frames.
+  camera/ssim             mean SSIM (Gaussian window, sigma 1.5, on [0, 1] intensities) over the same frames.
   camera/action_accuracy  share of transitions t-1 -> t (t >= 1) whose estimated motion class equals the
                           effective action (the conditioned action, or stay where the border clamped it).
 The motion class of a transition is the candidate window move (stay/up/down/left/right by `step` pixels)
@@ -29,10 +29,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> np.ndarray:
-  """Per-image SSIM of a, b [M, H, W, C] in [-1, 1] (Wang et al. 2004 constants, data range 2) -> [M]."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  """Per-image SSIM of a, b [M, H, W, C] in [-1, 1] -> [M] (Wang et al. 2004 constants).
+
+  Computed on intensities mapped to [0, 1]: SSIM's luminance term assumes non-negative signals (on [-1, 1]
+  an inverted image would score high, its two negative terms multiplying to a positive).
+  """
+  a, b = (np.asarray(a, np.float64) + 1) / 2, (np.asarray(b, np.float64) + 1) / 2
   blur = lambda x: ndimage.gaussian_filter(x, sigma=(0, sigma, sigma, 0), mode="reflect", truncate=3.5)
-  c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+  c1, c2 = 0.01**2, 0.03**2
   mu_a, mu_b = blur(a), blur(b)
   var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
   s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
