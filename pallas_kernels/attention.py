@@ -11,8 +11,10 @@ picked by a static flag) because it was checked working on jax 0.12.0.1 (CPU) he
 the sCM pattern and `jax.checkpoint`, and the fallback would push a mode flag into every model call.
 What is NOT supported: reverse mode *through* the JVP (grad of a jvp at non-stop-gradient'ed inputs,
 i.e. second order); the jvp rule's kernel has no transpose. The sCM/MeanFlow losses never need it.
-Remat: `jax.checkpoint` recomputes the whole op (HiPrim's default rule); on jax versions where
-checkpointing a hijax primitive raises, set `jax.config.update("jax_remat3", True)`.
+Remat: under `jax.checkpoint` the op is recomputed whole (HiPrim's default rule), but only with
+`jax.config.update("jax_remat3", True)` (jax 0.11.2 / 0.12): the legacy remat path fails with
+"Linearization failed ..." on any hijax primitive. We do not flip that global flag on import; the
+training entry point sets it.
 
 `implementation="xla"` selects `pallas_kernels.reference.attention` instead (materialises scores; short
 sequences only, or hardware without Pallas-Triton).

@@ -1,0 +1,242 @@
+"""flash_attention (Pallas, CPU interpret mode) against a float64 XLA reference: forward, grad, jvp, sCM."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import Phase, given, settings, strategies as st
+
+import pallas_kernels as pk
+from pallas_kernels import Mask, reference
+from rcm_jax.models import masks as video
+
+SMALL = pk.BlockSizes(*(pk.KernelConfig(32, 16) for _ in range(4)))  # many tiles at small L
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert np.isfinite(a).all(), "non-finite output"
+  # Floor of 0.05 RMS (inputs are unit normals, so real outputs and gradients are O(0.1-1)): a gradient
+  # that is zero in exact arithmetic (dq at Lk = 1) is rounding noise in both.
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 0.05 * np.sqrt(b.size))
+
+
+def _inputs(rng, b, lq, lk, h, hkv, d, dtype, n=1):
+  """n sets of fresh (q, k, v) in `dtype`."""
+  out = []
+  for _ in range(n):
+    out += [jnp.asarray(rng.standard_normal((b, lq, h, d)), dtype),
+            jnp.asarray(rng.standard_normal((b, lk, hkv, d)), dtype),
+            jnp.asarray(rng.standard_normal((b, lk, hkv, d)), dtype)]
+  return out
+
+
+def _ref64(mask, sm_scale=None):
+  def f(q, k, v):
+    return reference.attention(q, k, v, mask, sm_scale=sm_scale)
+  def run(fn, *args):
+    with jax.enable_x64(True):
+      args = [jnp.asarray(np.asarray(a, np.float64)) for a in args]
+      return jax.tree.map(np.asarray, fn(*args))
+  return f, run
+
+
+def _check_all(mask, shape, dtype, rng, block_sizes=SMALL, sm_scale=None):
+  """Forward, grad (of a random linear functional) and jvp (all tangents) against float64."""
+  b, lq, lk, h, hkv, d = shape
+  q, k, v, tq, tk, tv = _inputs(rng, b, lq, lk, h, hkv, d, dtype, n=2)
+  ct = jnp.asarray(rng.standard_normal((b, lq, h, d)), dtype)
+  f = functools.partial(pk.flash_attention, mask=mask, sm_scale=sm_scale, block_sizes=block_sizes)
+  ref, run = _ref64(mask, sm_scale)
+  tol = TOL[dtype]
+
+  o = jax.jit(f)(q, k, v)
+  assert o.dtype == dtype and o.shape == q.shape
+  assert _rel(o, run(ref, q, k, v)) < tol
+
+  loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) * ct.astype(jnp.float32))
+  grads = jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
+  ref_grads = run(lambda q, k, v, ct: jax.grad(lambda *a: jnp.sum(ref(*a) * ct), (0, 1, 2))(q, k, v),
+                  q, k, v, ct)
+  for name, g, rg in zip("qkv", grads, ref_grads):
+    assert g.dtype == dtype
+    assert _rel(g, rg) < 2 * tol, f"d{name}"
+
+  o2, to = jax.jit(lambda *a: jax.jvp(f, a[:3], a[3:]))(q, k, v, tq, tk, tv)
+  ro, rto = run(lambda *a: jax.jvp(ref, a[:3], a[3:]), q, k, v, tq, tk, tv)
+  assert _rel(o2, ro) < tol
+  assert _rel(to, rto) < 2 * tol
+
+
+# --------------------------------------------------------------------------------------------------
+# Random shapes and masks (hypothesis): ragged lengths, GQA, D in {64, 128}.
+# --------------------------------------------------------------------------------------------------
+
+@st.composite
+def _rect_mask(draw, lq, lk):
+  n = draw(st.integers(0, 5))
+  rects = []
+  for _ in range(n):
+    q0, q1 = sorted(draw(st.tuples(st.integers(0, lq), st.integers(0, lq))))
+    k0, k1 = sorted(draw(st.tuples(st.integers(0, lk), st.integers(0, lk))))
+    rects.append((q0, q1, k0, k1))
+  return Mask.from_ranges(lq, lk, rects)
+
+
+@settings(max_examples=5, deadline=None, phases=(Phase.explicit, Phase.generate))  # shrinking recompiles
+@given(data=st.data(), lq=st.integers(1, 90), lk=st.integers(1, 90), heads=st.sampled_from([(2, 1), (2, 2), (4, 2)]),
+       d=st.sampled_from([64, 128]), kind=st.sampled_from(["none", "dense", "rects"]), seed=st.integers(0, 2**31))
+def test_random_shapes_and_masks_f32(data, lq, lk, heads, d, kind, seed):
+  rng = np.random.default_rng(seed)
+  if kind == "none":
+    mask = None
+  elif kind == "dense":
+    mask = Mask.from_dense(rng.random((lq, lk)) < data.draw(st.sampled_from([0.05, 0.5, 0.9])))
+  else:
+    mask = data.draw(_rect_mask(lq, lk))
+  _check_all(mask, (1, lq, lk, *heads, d), jnp.float32, rng)
+
+
+# --------------------------------------------------------------------------------------------------
+# Video masks (rcm_jax.models.masks): teacher forcing and block-causal, windows and sinks.
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("builder,pattern", [
+    (video.teacher_forcing, dict(num_frames=5, first_chunk_frames=1, chunk_frames=1)),
+    (video.teacher_forcing, dict(num_frames=7, first_chunk_frames=1, chunk_frames=3, local_blocks=2, sink_blocks=1)),
+    (video.block_causal, dict(num_frames=6, first_chunk_frames=2, chunk_frames=2)),
+    (video.block_causal, dict(num_frames=7, first_chunk_frames=1, chunk_frames=1, local_blocks=3, sink_blocks=1)),
+])
+def test_video_masks(builder, pattern):
+  rng = np.random.default_rng()
+  mask = builder(tokens_per_frame=11, **pattern)  # 11: frames straddle tiles, so tiles are mixed
+  lq = mask.shape[0]
+  _check_all(mask, (1, lq, lq, 2, 2, 64), jnp.float32, rng)
+
+
+def test_bf16_teacher_forcing_default_tiles():
+  """bf16 with the production tile sizes (128 x 64): padding of a ragged length, bf16 tolerance."""
+  rng = np.random.default_rng()
+  mask = video.teacher_forcing(3, 50, first_chunk_frames=1, chunk_frames=1)
+  _check_all(mask, (1, 300, 300, 2, 1, 128), jnp.bfloat16, rng, block_sizes=None)
+
+
+def test_bf16_dense_gqa_scale():
+  rng = np.random.default_rng()
+  _check_all(None, (2, 40, 72, 4, 1, 64), jnp.bfloat16, rng, sm_scale=0.3)
+
+
+def test_fully_masked_rows_give_zeros_and_finite_derivatives():
+  rng = np.random.default_rng()
+  lq, lk = 50, 40
+  dense = rng.random((lq, lk)) < 0.5
+  dense[3] = dense[17:40] = False  # 17..39 spans whole tiles and partial tiles
+  mask = Mask.from_dense(dense)
+  q, k, v, tq, tk, tv = _inputs(rng, 1, lq, lk, 2, 2, 64, jnp.float32, n=2)
+  f = functools.partial(pk.flash_attention, mask=mask, block_sizes=SMALL)
+  o, to = jax.jvp(f, (q, k, v), (tq, tk, tv))
+  grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), (0, 1, 2))(q, k, v)
+  for x in (o, to, *grads):
+    assert np.isfinite(np.asarray(x)).all()
+  assert np.all(np.asarray(o)[:, [3, *range(17, 40)]] == 0)
+  assert np.all(np.asarray(to)[:, [3, *range(17, 40)]] == 0)
+  assert np.all(np.asarray(grads[0])[:, [3, *range(17, 40)]] == 0)
+
+
+def test_empty_mask():
+  rng = np.random.default_rng()
+  q, k, v = _inputs(rng, 1, 20, 20, 1, 1, 64, jnp.float32)
+  mask = Mask.from_ranges(20, 20, [])
+  o = pk.flash_attention(q, k, v, mask)
+  g = jax.grad(lambda q: pk.flash_attention(q, k, v, mask).sum())(q)
+  assert np.all(np.asarray(o) == 0) and np.all(np.asarray(g) == 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Transform compositions: sCM pattern, checkpoint, partial tangents, xla fallback.
+# --------------------------------------------------------------------------------------------------
+
+def _scm_grad(attn, w, x, tx, t):
+  """grad_w of an sCM-style loss: target holds a jvp of the same net at stop-gradient'ed w and x."""
+  def net(w, x):
+    q, k, v = (jnp.einsum("bld,de->ble", x, w[i]).reshape(x.shape[0], x.shape[1], 2, 64) for i in range(3))
+    return attn(q, k, v).reshape(x.shape[0], x.shape[1], -1) @ w[3]
+
+  def loss(w):
+    sw, sx = jax.lax.stop_gradient(w), jax.lax.stop_gradient(x)
+    v_sg, dv = jax.jvp(lambda x: net(sw, x), (sx,), (tx,))  # dv at stop-gradient'ed params and inputs
+    g = -(v_sg - x) - t * dv
+    v = net(w, x)
+    return jnp.sum((v - jax.lax.stop_gradient(v) - jax.lax.stop_gradient(g)) ** 2)
+
+  return jax.jit(jax.grad(loss))(w)
+
+
+def test_scm_pattern_matches_xla():
+  rng = np.random.default_rng()
+  b, l, e = 1, 37, 128
+  mask = video.teacher_forcing(3, 6, first_chunk_frames=1, chunk_frames=1)
+  l = mask.shape[0]
+  w = jnp.asarray(rng.standard_normal((4, e, e)) / np.sqrt(e), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((b, l, e)), jnp.float32)
+  tx = jnp.asarray(rng.standard_normal((b, l, e)), jnp.float32)
+  ours = _scm_grad(functools.partial(pk.flash_attention, mask=mask, block_sizes=SMALL), w, x, tx, 0.7)
+  xla = _scm_grad(functools.partial(pk.flash_attention, mask=mask, implementation="xla"), w, x, tx, 0.7)
+  assert _rel(ours, xla) < 1e-4
+
+
+def test_checkpoint_and_partial_tangents():
+  rng = np.random.default_rng()
+  mask = video.block_causal(4, 9, first_chunk_frames=1, chunk_frames=1)
+  q, k, v, tq, _, tv = _inputs(rng, 1, 36, 36, 2, 1, 64, jnp.float32, n=2)
+  f = functools.partial(pk.flash_attention, mask=mask, block_sizes=SMALL)
+  ref, run = _ref64(mask)
+  prev = jax.config.jax_remat3
+  jax.config.update("jax_remat3", True)  # checkpointing a hijax primitive needs remat3 (attention.py doc)
+  try:
+    g = jax.jit(jax.grad(lambda q, k: jnp.sum(jnp.sin(jax.checkpoint(f)(q, k, v))), (0, 1)))(q, k)
+  finally:
+    jax.config.update("jax_remat3", prev)
+  rg = run(lambda q, k, v: jax.grad(lambda q, k: jnp.sum(jnp.sin(ref(q, k, v))), (0, 1))(q, k), q, k, v)
+  assert _rel(g[0], rg[0]) < 5e-5 and _rel(g[1], rg[1]) < 5e-5
+  # jvp with a symbolic-zero tangent for k (only dq and dv paths in the fused kernel)
+  _, to = jax.jvp(lambda q, v: f(q, k, v), (q, v), (tq, tv))
+  _, rto = run(lambda q, k, v, tq, tv: jax.jvp(lambda q, v: ref(q, k, v), (q, v), (tq, tv)), q, k, v, tq, tv)
+  assert _rel(to, rto) < 5e-5
+
+
+def test_xla_fallback_equals_reference():
+  rng = np.random.default_rng()
+  q, k, v = _inputs(rng, 1, 10, 12, 2, 1, 32, jnp.float32)
+  mask = Mask.from_ranges(10, 12, [(0, 10, 0, 5)])
+  np.testing.assert_allclose(pk.flash_attention(q, k, v, mask, implementation="xla"),
+                             reference.attention(q, k, v, mask), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: ValueError at trace time, naming the argument.
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change,match", [
+    (dict(q=(1, 8, 2, 48)), "head dim"),
+    (dict(k=(1, 8, 3, 64), v=(1, 8, 3, 64)), "multiple of k/v heads"),
+    (dict(v=(1, 9, 1, 64)), "k and v"),
+    (dict(k=(2, 8, 1, 64), v=(2, 8, 1, 64)), "batch"),
+    (dict(q=(8, 2, 64)), "q must be"),
+    (dict(mask=Mask.full(8, 9)), "mask shape"),
+    (dict(mask=np.ones((8, 8), bool)), "mask must be"),
+    (dict(dtype_k=jnp.bfloat16), "share one dtype"),
+    (dict(dtype=jnp.int32), "dtype"),
+    (dict(implementation="cudnn"), "implementation"),
+    (dict(q=(1, 8, 2, 256), k=(1, 8, 1, 256), v=(1, 8, 1, 256)), r"supported: \(64, 128\)"),
+])
+def test_bad_input(change, match):
+  shapes = dict(q=(1, 8, 2, 64), k=(1, 8, 1, 64), v=(1, 8, 1, 64))
+  shapes.update({n: s for n, s in change.items() if n in "qkv"})
+  dtype = change.get("dtype", jnp.float32)
+  q, k, v = (jax.ShapeDtypeStruct(shapes[n], change.get(f"dtype_{n}", dtype)) for n in "qkv")
+  kwargs = {n: change[n] for n in ("mask", "implementation") if n in change}
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(lambda q, k, v: pk.flash_attention(q, k, v, **kwargs), q, k, v)
