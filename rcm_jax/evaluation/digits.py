@@ -223,19 +223,23 @@ def track(frames: np.ndarray, digit_size: int, n: int):
   pos = np.zeros((num_frames, n, 2))
   crops = np.zeros((num_frames, n, d, d), np.float32)
   valid = np.zeros(num_frames, bool)
-  last = None
+  last, last_f, vel = None, 0, np.zeros((n, 2))
+  h, w = frames.shape[1:]
   for f in range(num_frames):
-    res = detect(frames[f], d, n, init=last)
-    if res is not None and last is not None and not res[2].all():
+    # constant-velocity prediction keeps identities apart when two digits pass each other
+    pred = None if last is None else np.clip(last + vel * (f - last_f), 0, [h - 1, w - 1])
+    res = detect(frames[f], d, n, init=pred)
+    if res is not None and pred is not None and not res[2].all():
       res = detect(frames[f], d, n)  # lost the digits: restart from the frame's blobs
     if res is None or not res[2].all():
       continue
     cent, crop, _ = res
-    if last is not None:  # keep identities when a restart reordered the digits
-      perm = list(min(itertools.permutations(range(n)), key=lambda p: np.sum((cent[list(p)] - last) ** 2)))
+    if pred is not None:  # keep identities when a restart reordered the digits
+      perm = list(min(itertools.permutations(range(n)), key=lambda p: np.sum((cent[list(p)] - pred) ** 2)))
       cent, crop = cent[perm], crop[perm]
+      vel = (cent - last) / (f - last_f)
     pos[f], crops[f], valid[f] = cent, crop, True
-    last = cent
+    last, last_f = cent, f
   gaps = np.linalg.norm(pos[:, :, None] - pos[:, None], axis=-1) + np.eye(n) * 1e9  # [T, n, n]
   separated = valid & (gaps.min(axis=(1, 2)) >= 0.8 * d)
   return pos, crops, valid, separated
