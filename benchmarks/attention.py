@@ -1,0 +1,253 @@
+"""GPU benchmark and correctness check of `pallas_kernels.flash_attention` (Triton backend), with peers.
+
+  python benchmarks/attention.py --check --bench --out /tmp/attn   # what RESULTS.md records
+  python benchmarks/attention.py --tune                            # block-size sweep at L=16384, dense
+
+Reports TFLOP/s at B=1, H=12, D=128, bf16 for forward, forward+backward and forward+JVP, dense and with
+the Wan teacher-forcing mask (1560 tokens per latent frame, frame-wise c1-1 and chunk-wise c3-3), beside
+`jax.nn.dot_product_attention(implementation="cudnn")` (fwd, fwd+bwd) and XLA `jax.jvp` where it fits;
+plus the streaming decode case (one chunk of queries against a KV cache). FLOPs: forward
+4 B H Lq Lk D x mask density, fwd+bwd 3.5x, fwd+JVP 3x. `tile` columns count the FLOPs of every tile the
+kernel computes (computed-tile fraction instead of density): the rate on the tiles actually run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import pallas_kernels as pk  # noqa: E402
+from pallas_kernels import Mask, reference  # noqa: E402
+from pallas_kernels.mask import tile_schedule  # noqa: E402
+from rcm_jax.models import masks as video  # noqa: E402
+
+TOKENS_PER_FRAME = 1560
+B, H, D = 1, 12, 128
+
+
+def timeit(fn, *args, reps=10, warmup=2):
+  """Median wall time per call (s) of a jitted fn; each sample blocks on the result."""
+  out = None
+  for _ in range(warmup):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  samples = []
+  for _ in range(3):
+    t = time.perf_counter()
+    for _ in range(reps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t) / reps)
+  return float(np.median(samples))
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if not np.isfinite(a).all():
+    return float("nan")
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def inputs(lq, lk, dtype=jnp.bfloat16, seed=0, h=H, hkv=H):
+  ks = jax.random.split(jax.random.key(seed), 6)
+  shp_q, shp_k = (B, lq, h, D), (B, lk, hkv, D)
+  return [jax.random.normal(kk, s, dtype) for kk, s in zip(ks, [shp_q, shp_k, shp_k, shp_q, shp_k, shp_k])]
+
+
+def attn_fns(impl, mask, block_sizes=None):
+  """(fwd, fwd+bwd, fwd+jvp) jitted closures for one implementation."""
+  if impl == "pallas":
+    f = lambda q, k, v: pk.flash_attention(q, k, v, mask, block_sizes=block_sizes)
+  elif impl == "cudnn":
+    dense = None if mask is None else jnp.asarray(mask.to_dense())[None, None]
+    f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="cudnn")
+  else:
+    f = lambda q, k, v: reference.attention(q, k, v, mask)
+  fwd = jax.jit(f)
+  fb = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), (0, 1, 2)))
+  jv = jax.jit(lambda q, k, v, tq, tk, tv: jax.jvp(f, (q, k, v), (tq, tk, tv)))
+  return fwd, fb, jv
+
+
+# ---------------------------------------------------------------------------------------------------
+# Correctness on the GPU: compiled Triton kernels against the XLA reference in float32.
+# ---------------------------------------------------------------------------------------------------
+
+def check(log):
+  cases = [
+      ("dense ragged GQA", None, 1000, 1000, 4, 2, jnp.bfloat16),
+      ("TF c1-1 5 fr x 100 tok", video.teacher_forcing(5, 100, first_chunk_frames=1, chunk_frames=1),
+       1000, 1000, 4, 4, jnp.bfloat16),
+      ("TF c3-3 window+sink", video.teacher_forcing(7, 90, first_chunk_frames=1, chunk_frames=3, local_blocks=2,
+                                                    sink_blocks=1), 1260, 1260, 2, 1, jnp.bfloat16),
+      ("block-causal f32", video.block_causal(6, 130, first_chunk_frames=2, chunk_frames=2), 780, 780, 2, 2,
+       jnp.float32),
+      ("dense random mask", Mask.from_dense(np.random.default_rng(1).random((300, 500)) < 0.4), 300, 500, 2, 1,
+       jnp.bfloat16),
+  ]
+  ok = True
+  for case in cases:
+    try:
+      with jax.default_matmul_precision("highest"):  # reference in true f32 (kernels set their own)
+        ok &= _check_case(log, *case)
+    except Exception as e:  # noqa: BLE001  (keep going: one log holds every failure)
+      ok = False
+      log(f"check {case[0]:26s} raised {type(e).__name__}: {str(e)[:1500]}")
+  return ok
+
+
+def _check_case(log, name, mask, lq, lk, h, hkv, dtype):
+  q, k, v, tq, tk, tv = inputs(lq, lk, dtype, seed=hash(name) % 1000, h=h, hkv=hkv)
+  ct = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
+  f32 = lambda *a: [x.astype(jnp.float32) for x in a]
+  fo, _, fj = attn_fns("pallas", mask)
+  ro = jax.jit(lambda q, k, v: reference.attention(*f32(q, k, v), mask))
+  o = fo(q, k, v)
+  g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(pk.flash_attention(q, k, v, mask).astype(jnp.float32) * ct),
+                       (0, 1, 2)))(q, k, v)
+  rg = jax.jit(jax.grad(lambda q, k, v: jnp.sum(reference.attention(q, k, v, mask) * ct), (0, 1, 2)))(
+      *f32(q, k, v))
+  oj, tj = fj(q, k, v, tq, tk, tv)
+  rj = jax.jit(lambda *a: jax.jvp(lambda q, k, v: reference.attention(q, k, v, mask), a[:3], a[3:]))(
+      *f32(q, k, v, tq, tk, tv))
+  errs = dict(o=rel(o, ro(q, k, v)), dq=rel(g[0], rg[0]), dk=rel(g[1], rg[1]), dv=rel(g[2], rg[2]),
+              jvp_o=rel(oj, rj[0]), jvp_t=rel(tj, rj[1]))
+  tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3
+  good = all(e < tol for e in errs.values())
+  log(f"check {name:26s} {jnp.dtype(dtype).name:8s} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+      + ("  OK" if good else "  FAIL"))
+  return good
+
+
+# ---------------------------------------------------------------------------------------------------
+# Throughput.
+# ---------------------------------------------------------------------------------------------------
+
+def bench_case(label, mask, lq, lk, log, results, peers=True, xla_jvp=True, block_sizes=None, modes=("fwd", "fb", "jvp")):
+  density = 1.0 if mask is None else mask.density()
+  m = mask if mask is not None else Mask.full(lq, lk)
+  sched = tile_schedule(m, -(-lq // 128) * 128, -(-lk // 128) * 128, 128, 64)
+  frac = sched.computed_fraction()
+  base = 4.0 * B * H * lq * lk * D
+  q, k, v, tq, tk, tv = inputs(lq, lk)
+  impls = ["pallas"] + (["cudnn"] if peers else []) + (["xla"] if xla_jvp else [])
+  for impl in impls:
+    try:
+      fwd, fb, jv = attn_fns(impl, mask, block_sizes if impl == "pallas" else None)
+    except Exception as e:  # noqa: BLE001
+      log(f"{label} {impl}: setup failed {type(e).__name__}: {str(e)[:200]}")
+      continue
+    for mode, fn, args, mult in (("fwd", fwd, (q, k, v), 1.0), ("fb", fb, (q, k, v), 3.5),
+                                 ("jvp", jv, (q, k, v, tq, tk, tv), 3.0)):
+      if mode not in modes or (impl == "cudnn" and mode == "jvp") or (impl == "xla" and mode != "jvp"):
+        continue
+      try:
+        t = timeit(fn, *args, reps=3 if lq * lk > 2e9 else 10)
+      except Exception as e:  # noqa: BLE001
+        log(f"{label:34s} {impl:6s} {mode:4s} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        continue
+      tf = base * mult * density / t / 1e12
+      tile_tf = base * mult * frac / t / 1e12
+      row = dict(label=label, impl=impl, mode=mode, lq=lq, lk=lk, density=density, tile_frac=frac,
+                 ms=t * 1e3, tflops=tf, tile_tflops=tile_tf)
+      results.append(row)
+      log(f"{label:34s} {impl:6s} {mode:4s} {t*1e3:9.3f} ms  {tf:7.1f} TFLOP/s  (tiles {tile_tf:7.1f}; "
+          f"density {density:.3f}, tiles {frac:.3f})")
+
+
+def tf_mask(frames, chunk):
+  first = 1 if chunk == 1 else chunk
+  return video.teacher_forcing(frames, TOKENS_PER_FRAME, first_chunk_frames=first, chunk_frames=chunk)
+
+
+def bench(log, results, sizes, block_sizes=None):
+  for L in sizes:
+    bench_case(f"dense L={L}", None, L, L, log, results, xla_jvp=L <= 16384, block_sizes=block_sizes)
+  # Teacher forcing: packed [clean | noisy] of F latent frames, L = 2 F 1560 (frame-aligned near the
+  # dense sizes: F = 1, 5, 21 frame-wise -> 3120, 15600, 65520; F = 3, 6, 21 chunk-wise -> 9360, 18720, 65520).
+  for frames, chunk in ((1, 1), (5, 1), (21, 1), (3, 3), (6, 3), (21, 3)):
+    mask = tf_mask(frames, chunk)
+    L = mask.shape[0]
+    if L > max(sizes) + 1000:
+      continue
+    bench_case(f"TF {'c1-1' if chunk == 1 else 'c3-3'} F={frames} L={L}", mask, L, L, log, results,
+               peers=L <= 18720, xla_jvp=L <= 9360, block_sizes=block_sizes)
+  # Streaming decode: one chunk of queries against a KV cache (cache + the chunk), forward only.
+  for lq in (1560, 4680):
+    for lk in (16380, 32760):
+      bench_case(f"decode Lq={lq} Lk={lk}", None, lq, lk, log, results, xla_jvp=False, block_sizes=block_sizes,
+                 modes=("fwd",))
+
+
+def matmul_peak(log):
+  a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
+  f = jax.jit(lambda a, b: a @ b)
+  t = timeit(f, a, a.T, reps=20)
+  log(f"bf16 8192^3 matmul (XLA): {2 * 8192**3 / t / 1e12:.0f} TFLOP/s")
+
+
+def tune(log, results, L=16384):
+  """Sweep tile sizes / warps / stages per kernel at dense L (others at defaults)."""
+  d = pk.BlockSizes()
+  fwd_cfgs = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+              (128, 64, 4, 4), (128, 32, 4, 3)]
+  jvp_cfgs = [(128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
+              (128, 32, 8, 2), (64, 32, 4, 3)]
+  bwd_cfgs = [((64, 64, 4, 2), (64, 64, 4, 2)), ((64, 128, 8, 2), (64, 128, 8, 2)),
+              ((128, 64, 8, 2), (64, 128, 8, 2)), ((64, 64, 4, 3), (64, 64, 4, 3)),
+              ((128, 64, 8, 2), (128, 64, 8, 2)), ((64, 32, 4, 2), (32, 64, 4, 2))]
+  K = pk.KernelConfig
+  for c in fwd_cfgs:
+    bench_case(f"tune fwd {c}", None, L, L, log, results, peers=False, xla_jvp=False,
+               block_sizes=pk.BlockSizes(K(*c), d.bwd_dq, d.bwd_dkdv, d.jvp), modes=("fwd",))
+  for c in jvp_cfgs:
+    bench_case(f"tune jvp {c}", None, L, L, log, results, peers=False, xla_jvp=False,
+               block_sizes=pk.BlockSizes(d.fwd, d.bwd_dq, d.bwd_dkdv, K(*c)), modes=("jvp",))
+  for cq, ckv in bwd_cfgs:
+    bench_case(f"tune bwd dq{cq} dkdv{ckv}", None, L, L, log, results, peers=False, xla_jvp=False,
+               block_sizes=pk.BlockSizes(d.fwd, K(*cq), K(*ckv), d.jvp), modes=("fb",))
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--check", action="store_true")
+  ap.add_argument("--bench", action="store_true")
+  ap.add_argument("--tune", action="store_true")
+  ap.add_argument("--sizes", default="4096,16384,65536")
+  ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+  args = ap.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  logf = open(os.path.join(args.out, "attention_log.txt"), "a")
+
+  def log(msg):
+    print(msg, flush=True)
+    logf.write(msg + "\n")
+    logf.flush()
+
+  log(f"# {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC  jax {jax.__version__}  "
+      f"device {jax.devices()[0].device_kind}  argv {' '.join(sys.argv[1:])}")
+  results = []
+  ok = True
+  if args.check:
+    ok = check(log)
+  if args.bench or args.tune:
+    matmul_peak(log)
+  if args.tune:
+    tune(log, results)
+  if args.bench:
+    bench(log, results, [int(s) for s in args.sizes.split(",")])
+  with open(os.path.join(args.out, "attention_results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  if not ok:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  main()
