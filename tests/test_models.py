@@ -258,6 +258,15 @@ def test_attention_entry_point():
   np.testing.assert_allclose(attention(q, k, v, mask, impl="xla"), want, atol=1e-5)
   with pytest.raises(ValueError, match="xla.*pallas.*cudnn"):
     attention(q, k, v, impl="flash")
+  # the Pallas branch dispatches to the flash kernel (interpret mode on CPU; head dims 64/128)
+  try:
+    from pallas_kernels import flash_attention  # noqa: F401
+  except ImportError:
+    pass
+  else:
+    q64, k64, v64 = (jnp.tile(a, (1, 1, 1, 8)) for a in (q, k, v))
+    np.testing.assert_allclose(attention(q64, k64, v64, mask, impl="pallas"),
+                               attention(q64, k64, v64, mask, impl="xla"), atol=1e-5)
   with pytest.raises(ValueError, match="pallas"):
     attention(q, k, v, mask, impl="cudnn")
 
@@ -320,3 +329,32 @@ def test_bad_inputs_name_the_fix():
     model.apply({"params": p}, x, jnp.zeros((1, 3)))
   with pytest.raises(ValueError, match="num_classes"):
     model.apply({"params": p}, x, jnp.zeros((1, 2)), labels=jnp.zeros((1, 1), jnp.int32))
+
+
+def test_param_names_map_from_diffusers_keys():
+  """Every param is a diffusers `WanTransformer3DModel` state-dict key under one fixed renaming rule."""
+  linears = ["condition_embedder.time_embedder.linear_1", "condition_embedder.time_embedder.linear_2",
+             "condition_embedder.time_proj", "condition_embedder.text_embedder.linear_1",
+             "condition_embedder.text_embedder.linear_2", "proj_out", "patch_embedding"]
+  keys = [f"{m}.{w}" for m in linears for w in ("weight", "bias")] + ["scale_shift_table"]
+  for i in range(2):
+    for attn in ("attn1", "attn2"):
+      keys += [f"blocks.{i}.{attn}.{m}.{w}" for m in ("to_q", "to_k", "to_v", "to_out.0") for w in ("weight", "bias")]
+      keys += [f"blocks.{i}.{attn}.norm_q.weight", f"blocks.{i}.{attn}.norm_k.weight"]
+    keys += [f"blocks.{i}.norm2.weight", f"blocks.{i}.norm2.bias", f"blocks.{i}.scale_shift_table"]
+    keys += [f"blocks.{i}.ffn.{m}.{w}" for m in ("net.0.proj", "net.2") for w in ("weight", "bias")]
+
+  def rename(key):  # "blocks.0.attn1.to_out.0.weight" -> "blocks_0/attn1/to_out_0/kernel"
+    parts = []
+    for p in key.split("."):
+      if p.isdigit():
+        parts[-1] += f"_{p}"
+      else:
+        parts.append(p)
+    norm = len(parts) > 1 and "norm" in parts[-2]
+    parts[-1] = {"weight": "scale" if norm else "kernel"}.get(parts[-1], parts[-1])
+    return "/".join(parts)
+
+  params = init_params("tiny", jax.random.key(0))
+  ours = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+  assert ours == {rename(k) for k in keys}
