@@ -241,6 +241,17 @@ def test_missing_shard_names_the_file(dataset, tmp_path):
       fn()
 
 
+def test_flipped_bytes_name_the_file(dataset, tmp_path):
+  path = _copy(dataset[1], tmp_path / "ds")
+  shard = os.path.join(path, records.read_manifest(path)["shards"][1]["file"])
+  raw = bytearray(open(shard, "rb").read())
+  for off in range(200, 600, 7):  # same size, damaged payload: caught by the shard's chunk hashes on read
+    raw[off] ^= 0xFF
+  open(shard, "wb").write(bytes(raw))
+  with pytest.raises(data.DatasetError, match=f"corrupt shard {shard}"):
+    data.load_all(path)
+
+
 def test_record_count_mismatch_is_reported(dataset, tmp_path):
   path = _copy(dataset[1], tmp_path / "ds")
   mpath = os.path.join(path, "manifest.json")

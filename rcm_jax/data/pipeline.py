@@ -25,10 +25,23 @@ from rcm_jax.data import records
 
 
 def source(path: str | os.PathLike) -> grain.MapDataset:
-  """MapDataset of decoded examples (dicts of numpy arrays without a batch axis), in record order."""
+  """MapDataset of decoded examples (dicts of numpy arrays without a batch axis), in record order.
+
+  A record that fails to read or decode raises records.DatasetError naming its shard.
+  """
   files = records.validate_shards(path)
   src = grain.sources.ArrayRecordDataSource(files)
-  return grain.MapDataset.source(src).map(records.decode_example)
+  ends = np.cumsum([s["num_records"] for s in records.read_manifest(path)["shards"]])
+
+  def read(i: int) -> dict[str, np.ndarray]:
+    try:
+      return records.decode_example(src[i])
+    except Exception as e:
+      shard = files[int(np.searchsorted(ends, i, side="right"))]
+      raise records.DatasetError(f"corrupt shard {shard}: record {i} unreadable ({type(e).__name__}: {e}); "
+                                 "delete the dataset directory to regenerate it") from e
+
+  return grain.MapDataset.range(len(src)).map(read)
 
 
 def _collate(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
