@@ -358,3 +358,128 @@ def test_param_names_map_from_diffusers_keys():
   params = init_params("tiny", jax.random.key(0))
   ours = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
   assert ours == {rename(k) for k in keys}
+
+
+# --- an independent float64 numpy transcription of diffusers' WanTransformer3DModel.forward ---
+# Channels-first like torch, weights in torch layout, per-token timesteps (diffusers' Wan2.2 ti2v branch,
+# which is what one time per frame is). Checks layouts, modulation order, RoPE pairing and unpatchify: what a
+# checkpoint loader must be able to rely on.
+
+def _torch_state_dict(params):
+  sd = {}
+  for path, a in jax.tree_util.tree_leaves_with_path(params):
+    names = [k.key for k in path]
+    a = np.asarray(a, np.float64)
+    leaf = names[-1]
+    if leaf == "kernel":
+      a = np.moveaxis(a, [-1, -2], [0, 1]) if a.ndim == 5 else a.T   # conv [kt,kh,kw,in,out] -> [out,in,kt,kh,kw]
+      leaf = "weight"
+    elif leaf == "scale":
+      leaf = "weight"
+    mods = [n.replace("blocks_", "blocks.").replace("to_out_0", "to_out.0").replace("net_0", "net.0")
+            .replace("net_2", "net.2") for n in names[:-1]]
+    sd[".".join(mods + [leaf])] = a
+  return sd
+
+
+def _np_diffusers_forward(sd, cfg, x, timestep, ctx):
+  """x [B, C, F, H, W], timestep [B, L] (per token, 0..1000), ctx [B, Lc, text_dim] -> [B, C_out, F, H, W]."""
+  lin = lambda h, name: h @ sd[name + ".weight"].T + sd[name + ".bias"]
+  silu = lambda h: h / (1 + np.exp(-h))
+  gelu_tanh = lambda h: 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+
+  def layer_norm(h, w=None, b=None):
+    mu = h.mean(-1, keepdims=True)
+    out = (h - mu) / np.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + cfg.eps)
+    return out if w is None else out * w + b
+
+  def rms_norm(h, w):
+    return h / np.sqrt((h ** 2).mean(-1, keepdims=True) + cfg.eps) * w
+
+  bsz, _, nf, hh, ww = x.shape
+  pt, ph, pw = cfg.patch_size
+  ppf, pph, ppw = nf // pt, hh // ph, ww // pw
+  heads, hd = cfg.num_heads, cfg.head_dim
+  # rope (WanRotaryPosEmbed)
+  h_dim = w_dim = 2 * (hd // 6)
+  t_dim = hd - h_dim - w_dim
+  cos_l, sin_l = [], []
+  for dim in (t_dim, h_dim, w_dim):
+    freqs = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2)[: dim // 2] / dim)
+    ang = np.outer(np.arange(cfg.rope_max_seq_len), freqs)
+    cos_l.append(np.repeat(np.cos(ang), 2, axis=1))
+    sin_l.append(np.repeat(np.sin(ang), 2, axis=1))
+  fc, fs = np.concatenate(cos_l, 1), np.concatenate(sin_l, 1)
+  splits = np.cumsum([hd - 2 * (hd // 3), hd // 3])
+  def grid(tab):
+    f, h, w = np.split(tab, splits, axis=1)
+    f = np.broadcast_to(f[:ppf, None, None], (ppf, pph, ppw, f.shape[1]))
+    h = np.broadcast_to(h[None, :pph, None], (ppf, pph, ppw, h.shape[1]))
+    w = np.broadcast_to(w[None, None, :ppw], (ppf, pph, ppw, w.shape[1]))
+    return np.concatenate([f, h, w], -1).reshape(1, ppf * pph * ppw, 1, hd)
+  rc, rs = grid(fc), grid(fs)
+
+  def rope(h):
+    x1, x2 = h[..., 0::2], h[..., 1::2]
+    cos, sin = rc[..., 0::2], rs[..., 1::2]
+    out = np.empty_like(h)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out
+
+  def attn(prefix, h, enc, rotary):
+    enc = h if enc is None else enc
+    q, k, v = lin(h, prefix + ".to_q"), lin(enc, prefix + ".to_k"), lin(enc, prefix + ".to_v")
+    q, k = rms_norm(q, sd[prefix + ".norm_q.weight"]), rms_norm(k, sd[prefix + ".norm_k.weight"])
+    q, k, v = (a.reshape(*a.shape[:2], heads, hd) for a in (q, k, v))
+    if rotary:
+      q, k = rope(q), rope(k)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = np.einsum("bhqk,bkhd->bqhd", p, v).reshape(*h.shape[:2], heads * hd)
+    return lin(o, prefix + ".to_out.0")
+
+  # patch embedding (Conv3d, kernel = stride)
+  xr = x.reshape(bsz, x.shape[1], ppf, pt, pph, ph, ppw, pw)
+  h = np.einsum("bcfphqwr,dcpqr->bdfhw", xr, sd["patch_embedding.weight"])
+  h = h + sd["patch_embedding.bias"][None, :, None, None, None]
+  h = h.reshape(bsz, cfg.dim, -1).transpose(0, 2, 1)
+  # condition embedder (timestep [B, L] flattened, then unflattened)
+  half = cfg.freq_dim // 2
+  emb = timestep.reshape(-1)[:, None] * np.exp(-np.log(10000.0) * np.arange(half) / half)[None]
+  emb = np.concatenate([np.cos(emb), np.sin(emb)], -1).reshape(bsz, -1, cfg.freq_dim)
+  temb = lin(silu(lin(emb, "condition_embedder.time_embedder.linear_1")), "condition_embedder.time_embedder.linear_2")
+  tproj = lin(silu(temb), "condition_embedder.time_proj").reshape(bsz, -1, 6, cfg.dim)
+  enc = lin(gelu_tanh(lin(ctx, "condition_embedder.text_embedder.linear_1")), "condition_embedder.text_embedder.linear_2")
+  for i in range(cfg.num_layers):
+    p = f"blocks.{i}"
+    mod = sd[p + ".scale_shift_table"][None] + tproj
+    sh, sc, g, csh, csc, cg = (mod[:, :, j] for j in range(6))
+    h = h + attn(p + ".attn1", layer_norm(h) * (1 + sc) + sh, None, True) * g
+    h = h + attn(p + ".attn2", layer_norm(h, sd[p + ".norm2.weight"], sd[p + ".norm2.bias"]), enc, False)
+    ff = lin(gelu_tanh(lin(layer_norm(h) * (1 + csc) + csh, p + ".ffn.net.0.proj")), p + ".ffn.net.2")
+    h = h + ff * cg
+  mod = sd["scale_shift_table"][None] + temb[:, :, None]
+  h = layer_norm(h) * (1 + mod[:, :, 1]) + mod[:, :, 0]
+  h = lin(h, "proj_out").reshape(bsz, ppf, pph, ppw, pt, ph, pw, -1)
+  h = h.transpose(0, 7, 1, 4, 2, 5, 3, 6)
+  return h.reshape(bsz, h.shape[1], ppf * pt, pph * ph, ppw * pw)
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 2, 2)])
+def test_matches_numpy_transcription_of_diffusers(patch):
+  cfg = get_config("tiny", patch_size=patch, num_layers=2)
+  params = _randomize(init_params(cfg, jax.random.key(0)), jax.random.key(1))
+  nf = 4
+  x = jax.random.normal(jax.random.key(2), (B, nf, H, W, cfg.in_channels))
+  ctx = jax.random.normal(jax.random.key(3), (B, 3, cfg.text_dim))
+  t = jax.random.uniform(jax.random.key(4), (B, nf // patch[0]))
+  out = jax.jit(lambda p: WanModel(cfg).apply({"params": p}, x, t, context=ctx))(params)
+  tokens_per_frame = (H // patch[1]) * (W // patch[2])
+  timestep = np.repeat(1000.0 * np.asarray(t, np.float64), tokens_per_frame, axis=1)   # [B, L]
+  want = _np_diffusers_forward(_torch_state_dict(params), cfg,
+                               np.asarray(x, np.float64).transpose(0, 4, 1, 2, 3), timestep,
+                               np.asarray(ctx, np.float64))
+  want = want.transpose(0, 2, 3, 4, 1)
+  np.testing.assert_allclose(np.asarray(out), want, atol=2e-4 * np.abs(want).max(), rtol=1e-4)
