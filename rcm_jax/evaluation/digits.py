@@ -1,27 +1,32 @@
 """Moving-digits metrics, computed from ground truth (scikit-learn's digits), not from a trained critic.
 
-This file owns the digit detector/tracker, the digit classifier and the three digits metrics:
+This file owns the digit detector/tracker, the digit classifier and the four digits metrics:
   digits/class_accuracy  share of conditioned digits whose class is found in the video (multiset match of
                          per-track predicted classes against the conditioned labels), in [0, 1].
-  digits/detection_rate  share of frames with exactly as many digit-like blobs as conditioned digits.
+  digits/detection_rate  share of frames in which all conditioned digits are found as digit-like blobs.
   digits/motion_rms_px   RMS distance (pixels) of tracked centroids from the best constant-velocity-with-
-                         bounces trajectory at a speed the world can produce (see fit_bounce_track,
-                         so a frozen digit does not pass as motion at v = 0); a digit tracked in fewer than 3 frames scores the penalty
-                         size / 2, so a model that draws no digits cannot score well.
-  digits/frechet         Frechet distance between frame features of the videos and of real training
-                         frames. Feature: PCA (32 components) of whole intensity frames fitted on the
-                         reference frames -- cheap, deterministic, no trained critic; it measures the match
-                         of the pixel distribution (digit shapes, positions, blur), not perceptual quality.
+                         bounces trajectory at a speed the world can produce, with the walls where the
+                         canvas puts them (see fit_bounce_track: a frozen digit cannot pass as v = 0 or as
+                         bouncing off walls placed around it). A digit tracked in fewer than 3 frames
+                         scores the penalty size / 2, so a model that draws no digits cannot score well.
+  digits/frechet         Frechet distance between frame features of the videos and of 128 real training
+                         videos. Feature: PCA (32 components, fitted on those reference frames) of intensity
+                         frames average-pooled to at most 16x16 -- cheap, deterministic, no trained critic;
+                         it measures the match of the pixel distribution (digit shapes, positions, blur),
+                         not perceptual quality, and it is biased upwards for small samples (compare
+                         scores at equal N).
 
-Detection: intensity = mean over channels mapped to [0, 1]; pixels above 0.1, dilated by one pixel, form
-8-connected blobs; a blob counts as a digit if its bounding box fits in (digit_size + 3) pixels and its mass
-(summed intensity) is at least 0.02 * digit_size**2. Merged (overlapping) digits and noise fail the box test,
-so such frames drop out of tracking instead of producing wrong tracks. The classifier (an RBF support-vector
-machine) is fitted on crops produced by this same detector and tracker, from train-split digit images
-rendered alone at random sub-pixel offsets and from real train-split videos of the world (touching digits
-included), so its input matches what it sees in generated frames. Held-out real videos are the ceiling:
-with two 14 px digits on a 32 px canvas the digits touch in most frames, which costs the ceiling some
-accuracy (~0.9) and motion residual (~0.4-0.8 px, from the k-means split of touching digits).
+Detection (n = number of conditioned digits): intensity = mean over channels mapped to [0, 1]; pixels above
+0.4 are ink; weighted k-means with n centres (started from the previous frame's prediction, or from the n
+heaviest blobs) splits the ink into digits, faint pixels above 0.02 join the nearest centre for sub-pixel
+centroids. A digit counts as found if its ink fits in a (digit_size + 3)-pixel box and weighs at least
+0.02 * digit_size**2, so noise and smears are rejected and such frames drop out of tracking instead of
+producing wrong tracks. The classifier (an RBF support-vector machine) is fitted on crops produced by this
+same detector and tracker, from train-split digit images rendered alone at random sub-pixel offsets and from
+real train-split videos of the world (touching digits included), so its input matches what it sees in
+generated frames. Held-out real videos are the ceiling: with two 14 px digits on a 32 px canvas the digits
+touch in most frames, which costs the ceiling some accuracy (~0.9) and motion residual (~0.4-0.8 px, from
+the k-means split of touching digits).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from rcm_jax.data import worlds as worlds_lib
 from rcm_jax.evaluation import camera, digits
 
 _EVALUATORS = {"moving_digits": digits.evaluate, "camera_pan": camera.evaluate}
