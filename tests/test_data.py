@@ -6,6 +6,8 @@ import os
 import ml_collections
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rcm_jax import data
 from rcm_jax.data import pipeline, records, worlds
@@ -118,9 +120,9 @@ def test_camera_actions_move_content_and_clamp_at_border():
   np.testing.assert_array_equal(frames[2], frames[3])  # clamped: the frame repeats
   np.testing.assert_array_equal(frames[1][:, :-s], frames[0][:, s:])  # moving right slides content left
   np.testing.assert_array_equal(w.effective_actions(origins), [0, 4, 4, 0, 2])
-  # pushing right past the border stops at the last valid column
-  far = w.pan_origins(0, (hi_r, hi_c - 1), [0, 4, 4, 2])
-  np.testing.assert_array_equal(far[-1], [hi_r, hi_c])
+  # a move with less than one step of room left is not performed at all (no partial step)
+  far = w.pan_origins(0, (hi_r, hi_c - 1), [0, 4, 4, 2, 1])
+  np.testing.assert_array_equal(far, [[hi_r, hi_c - 1]] * 4 + [[hi_r - s, hi_c - 1]])
   with pytest.raises(ValueError, match="null action"):
     w.render_pan(0, (0, 0), [0, worlds.NULL_ACTION])
   with pytest.raises(ValueError, match="outside"):
@@ -314,3 +316,24 @@ def test_finite_epochs_and_remainder(dataset):
   assert len(list(data.make_batches(path, 10, 0, num_epochs=1))) == 3
   last = list(data.make_batches(path, 10, 0, num_epochs=1, drop_remainder=False))
   assert [len(b["video"]) for b in last] == [10, 10, 10, 7]
+
+
+@settings(max_examples=60, deadline=None)
+@given(actions=st.lists(st.integers(0, 4), min_size=1, max_size=30), image=st.integers(0, 1),
+       start=st.tuples(st.floats(0, 1), st.floats(0, 1)))
+def test_pan_origins_stay_inside_and_follow_actions(actions, image, start):
+  w = data.get_world("camera_pan", SMALL["camera_pan"])
+  hi = np.array(w.origin_bounds(image))
+  o0 = np.floor(np.array(start) * hi).astype(int)
+  origins = w.pan_origins(image, o0, actions)
+  assert np.all(origins >= 0) and np.all(origins <= hi)
+  np.testing.assert_array_equal(origins[0], o0)
+  eff = w.effective_actions(origins)
+  # every step either performs its action exactly or, blocked by the border, does not move at all
+  deltas = w.action_deltas()
+  for t in range(1, len(actions)):
+    step = origins[t] - origins[t - 1]
+    target = origins[t - 1] + deltas[actions[t]]
+    blocked = np.any(target < 0) or np.any(target > hi)
+    np.testing.assert_array_equal(step, 0 if blocked else deltas[actions[t]])
+    assert eff[t] == (0 if blocked else actions[t])

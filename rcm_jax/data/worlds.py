@@ -320,8 +320,8 @@ class CameraPan:
   Actions: 0 stay, 1 up (row - step), 2 down (row + step), 3 left (col - step), 4 right (col + step); "left"
   moves the camera, so the content slides right in the frame. `actions[:, t]` moves the window from frame t-1
   to frame t; `actions[:, 0]` has no previous frame, is always 0 in generated data and is ignored by the
-  renderer. Clamping: a move that would leave the photo keeps the window at the border on that axis, so the
-  frame repeats; the action is still recorded as issued (the model must learn that pushing against the
+  renderer. Clamping: a move that would take the window past the photo border is not performed at all (no
+  partial step), so the frame repeats; the action is still recorded as issued (the model must learn that pushing against the
   border does nothing, and the play server behaves the same). Metrics compare with the *effective* motion
   (`effective_actions`), i.e. 0 where the border blocked the move.
 
@@ -359,7 +359,8 @@ class CameraPan:
     return np.array([[0, 0], [-s, 0], [s, 0], [0, -s], [0, s]], np.int32)  # [5, 2] (row, col)
 
   def pan_origins(self, image_index: int, start_origin, actions) -> np.ndarray:
-    """origins int32 [T, 2] for one video: start at start_origin, then one clamped move per actions[1:]."""
+    """origins int32 [T, 2] for one video: start at start_origin, then one move per actions[1:], skipped
+    when it would leave the photo."""
     actions = np.asarray(actions)
     if actions.ndim != 1:
       raise ValueError(f"actions must be [T], got shape {actions.shape}")
@@ -372,8 +373,9 @@ class CameraPan:
     deltas = self.action_deltas()
     out = np.empty((len(actions), 2), np.int32)
     for t, a in enumerate(actions):
-      if t > 0:
-        o = np.clip(o + deltas[a], 0, hi)
+      moved = o + deltas[a]
+      if t > 0 and np.all(moved >= 0) and np.all(moved <= hi):
+        o = moved  # all or nothing: every motion is exactly one step, never a partial one
       out[t] = o
     return out
 
