@@ -37,6 +37,7 @@ import itertools
 
 import numpy as np
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from rcm_jax.data import worlds as worlds_lib
 from rcm_jax.evaluation import frechet
@@ -254,8 +255,9 @@ def track(frames: np.ndarray, digit_size: int, n: int):
 
 
 def frame_features(frames: np.ndarray, size: int) -> np.ndarray:
-  """Intensity frames [..., H, W] -> [M, (H/p)(W/p)] average-pooled to at most 16x16 (p = size // 16)."""
-  p = max(size // 16, 1)
+  """Intensity frames [..., H, W] -> [M, (H/p)(W/p)], average-pooled by the largest p <= size / 16 that
+  divides size (16x16 features at 32 or 64 px)."""
+  p = max(q for q in range(1, max(size // 16, 1) + 1) if size % q == 0)
   f = frames.reshape(-1, size // p, p, size // p, p).mean((2, 4))
   return f.reshape(len(f), -1).astype(np.float64)
 
@@ -275,7 +277,7 @@ def evaluate(world: worlds_lib.MovingDigits, videos: np.ndarray, meta) -> dict[s
   penalty = c.size / 2.0
 
   correct, total, detected, rms = 0, 0, 0, []
-  for v in range(len(videos)):
+  for v in tqdm(range(len(videos)), desc="digits metrics", leave=False, disable=len(videos) < 256):
     cond = [int(l) for l in labels[v] if l != worlds_lib.NULL_LABEL]
     n = len(cond)
     total += n
