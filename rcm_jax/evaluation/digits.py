@@ -9,12 +9,12 @@ This file owns the digit detector/tracker, the digit classifier and the four dig
                          canvas puts them (see fit_bounce_track: a frozen digit cannot pass as v = 0 or as
                          bouncing off walls placed around it). A digit tracked in fewer than 3 frames
                          scores the penalty size / 2, so a model that draws no digits cannot score well.
-  digits/frechet         Frechet distance between frame features of the videos and of 128 real training
-                         videos. Feature: PCA (32 components, fitted on those reference frames) of intensity
-                         frames average-pooled to at most 16x16 -- cheap, deterministic, no trained critic;
-                         it measures the match of the pixel distribution (digit shapes, positions, blur),
-                         not perceptual quality, and it is biased upwards for small samples (compare
-                         scores at equal N).
+  digits/frechet         Frechet distance between features of consecutive-frame pairs of the videos and of
+                         128 real training videos. Feature: PCA (32 components, fitted on the reference) of
+                         [frame t, frame t+1 - frame t], intensity average-pooled to 16x16 -- cheap,
+                         deterministic, no trained critic; it measures the match of the pixel and motion
+                         distribution (digit shapes, positions, blur, displacement), not perceptual quality,
+                         and it is biased upwards for small samples (compare scores at equal N).
 
 Detection (n = number of conditioned digits): intensity = mean over channels mapped to [0, 1]; pixels above
 0.4 are ink; weighted k-means with n centres (started from the previous frame's prediction, or from the n
@@ -168,10 +168,10 @@ def _classifier(config: worlds_lib.DigitsConfig):
 
 @functools.lru_cache(maxsize=None)
 def _reference(config: worlds_lib.DigitsConfig):
-  """PCA projection and feature statistics of real training frames."""
+  """PCA projection and feature statistics of real training videos."""
   world = worlds_lib.MovingDigits(config)
   ref = world.generate(_NUM_REFERENCE_VIDEOS, _REFERENCE_SEED, "train")["video"]
-  x = frame_features(intensity(ref), config.size)  # [N*T, D]
+  x = frame_features(intensity(ref), config.size)  # [N*(T-1), 2D]
   mean = x.mean(0)
   _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
   proj = vt[:_PCA_DIMS].T  # [D, k]
@@ -255,11 +255,15 @@ def track(frames: np.ndarray, digit_size: int, n: int):
 
 
 def frame_features(frames: np.ndarray, size: int) -> np.ndarray:
-  """Intensity frames [..., H, W] -> [M, (H/p)(W/p)], average-pooled by the largest p <= size / 16 that
-  divides size (16x16 features at 32 or 64 px)."""
+  """Intensity videos [N, T, H, W] -> features [N * max(T - 1, 1), 2 D]: each frame next to its change to
+  the following frame, both average-pooled by the largest p <= size / 16 that divides size (D = 256 at 32
+  or 64 px). The change half makes the distance see motion: frozen or flickering videos land far away."""
   p = max(q for q in range(1, max(size // 16, 1) + 1) if size % q == 0)
-  f = frames.reshape(-1, size // p, p, size // p, p).mean((2, 4))
-  return f.reshape(len(f), -1).astype(np.float64)
+  n, t = frames.shape[:2]
+  f = frames.reshape(n, t, size // p, p, size // p, p).mean((3, 5)).reshape(n, t, -1).astype(np.float64)
+  delta = f[:, 1:] - f[:, :-1] if t > 1 else np.zeros_like(f)
+  cur = f[:, :-1] if t > 1 else f
+  return np.concatenate([cur, delta], -1).reshape(-1, 2 * f.shape[-1])
 
 
 def evaluate(world: worlds_lib.MovingDigits, videos: np.ndarray, meta) -> dict[str, float]:
