@@ -49,8 +49,10 @@ def toy_base(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.size = "toy"                       # rcm_jax.models.config.SIZES
-  c.model.patch_size = (1, 4, 4)             # 32 px frames -> 8 x 8 tokens per frame
+  c.model.size = "small"                     # rcm_jax.models.config.SIZES; the keys below override its fields
+  c.model.dim, c.model.num_heads, c.model.num_layers, c.model.ffn_dim = 128, 4, 4, 512   # 1.2M params
+  c.model.text_dim, c.model.freq_dim = 128, 128
+  c.model.patch_size = (1, 8, 8)             # 32 px frames -> 4 x 4 tokens per frame: CPU-sized
   c.model.dtype = "float32"                  # compute dtype; params are always fp32 ("bfloat16" on GPU)
   c.model.attention_impl = "xla"             # "xla" | "pallas" | "cudnn"
   c.model.scan_layers = False
@@ -66,7 +68,7 @@ def toy_base(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1500
-  c.train.batch_size = 32
+  c.train.batch_size = 16
   c.train.grad_accum = 1                     # micro-batches per update (batch_size must divide)
   c.train.log_every = 10
   c.train.ckpt_every = 250
@@ -107,8 +109,7 @@ def toy_base(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
 
   if arg.runlocal:   # every config is a smoke test: seconds on a laptop
-    c.model.size = "tiny"
-    c.model.patch_size = (1, 8, 8)
+    c.model.dim, c.model.num_heads, c.model.num_layers, c.model.ffn_dim = 48, 2, 2, 96
     c.data.num_train_videos, c.data.num_eval_videos = 64, 8
     c.train.num_steps, c.train.batch_size, c.train.log_every, c.train.ckpt_every = 4, 4, 1, 2
     c.optim.warmup_steps = 2

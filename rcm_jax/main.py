@@ -3,7 +3,7 @@
 Commands: train (one stage), sample, eval, recipe (a chain of stages). Override any config key with
 --config.<key>=<value>; the resolved config is written to <workdir>/config.json.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rcm_jax.errors import UserError
@@ -18,12 +18,15 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"Usage: python -m rcm_jax.main <{'|'.join(COMMANDS)}> --config=... --workdir=...; "
                          f"got {argv[1:]}.")
-  from rcm_jax.training import jobs, pipeline, trainer  # after flag parsing: keeps --help fast
+  if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO; keep the console readable
+    logging.set_verbosity(logging.WARNING)
+  from rcm_jax.data import records  # noqa: E402  (imports after flag parsing keep --help fast)
+  from rcm_jax.training import jobs, pipeline, trainer
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   command = argv[1]
   try:
     _run(command, config, workdir, jobs, pipeline, trainer)
-  except (UserError, FileNotFoundError) as e:
+  except (UserError, FileNotFoundError, records.DatasetError, records.DatasetMismatchError) as e:
     raise SystemExit(f"rcm_jax {command}: {e}") from None
 
 

@@ -16,6 +16,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from rcm_jax.errors import UserError
+
 RECIPES: dict[str, type] = {}
 
 
@@ -31,7 +33,7 @@ def register(name: str) -> Callable[[type], type]:
 
 def get_recipe(name: str) -> type:
   if name not in RECIPES:
-    raise ValueError(f"Unknown recipe {name!r} (config key recipe); choose one of {sorted(RECIPES)}.")
+    raise UserError(f"Unknown recipe {name!r} (config key recipe); choose one of {sorted(RECIPES)}.")
   return RECIPES[name]
 
 

@@ -14,6 +14,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from rcm_jax import evaluation
+from rcm_jax.data import pipeline as pipeline_lib
 from rcm_jax.training import checkpoint
 from rcm_jax.training import setup as setup_lib
 from rcm_jax.training.writer import write_metrics, write_video
@@ -27,9 +28,8 @@ def _source_params(config, workdir: str, key: str):
 
 
 def _eval_batch(config, world, data_root: str, num: int):
-  path = setup_lib.ensure_data(config, world, data_root, split="eval")
-  from rcm_jax import data as data_lib
-  raw = data_lib.load_all(path)
+  path = setup_lib.ensure_data(config, world, data_root, split="test")
+  raw = pipeline_lib.load_all(path)
   raw = {k: v[:num] for k, v in raw.items()}
   return raw, setup_lib.prepare(world, raw)
 
@@ -50,7 +50,7 @@ def sample(config, workdir: str, *, data_root: str | None = None) -> dict:
   world = setup_lib.make_world(config)
   params, src = _source_params(config, workdir, "sample")
   raw, batch = _eval_batch(config, world, data_root or os.path.join(workdir, "data"), config.sample.num_videos)
-  model = setup_lib.make_model(config)
+  model = setup_lib.make_model(config, world)
   videos = _sample_all(config, model, params, batch, jax.random.key(config.seed + 1),
                        num_steps=config.sample.steps, cfg_scale=config.sample.cfg_scale,
                        chunk=config.sample.batch_size, desc="sample")
@@ -71,7 +71,7 @@ def evaluate(config, workdir: str, *, data_root: str | None = None) -> dict:
   world = setup_lib.make_world(config)
   params, src = _source_params(config, workdir, "eval")
   raw, batch = _eval_batch(config, world, data_root or os.path.join(workdir, "data"), config.eval.num_videos)
-  model = setup_lib.make_model(config)
+  model = setup_lib.make_model(config, world)
   rng = jax.random.key(config.seed + 2)
   samples_dir = os.path.join(workdir, "samples")
   rows, meta = {}, {k: v for k, v in raw.items()}
@@ -81,12 +81,12 @@ def evaluate(config, workdir: str, *, data_root: str | None = None) -> dict:
                                   **jax.tree.map(lambda x: x[:1], batch["cond"]))
   floor_videos = _sample_all(config, model, untrained, batch, rng, num_steps=min(config.eval.steps),
                              cfg_scale=config.eval.cfg_scale, chunk=config.eval.batch_size, desc="floor")
-  calibration = evaluation.calibrate(config.world, world, real=raw["video"], floor=floor_videos, meta=meta)
+  calibration = evaluation.calibrate(world, meta=meta, real=raw["video"], floor=floor_videos, seed=config.seed)
   for steps in config.eval.steps:
     videos = _sample_all(config, model, params, batch, rng, num_steps=steps, cfg_scale=config.eval.cfg_scale,
                          chunk=config.eval.batch_size, desc=f"eval {steps}-step")
     rows[f"{config.eval.label} {steps}-step (NFE {steps * (2 if config.eval.cfg_scale != 1 else 1)})"] = \
-        evaluation.evaluate(config.world, world, videos, meta)
+        evaluation.evaluate(world, videos, meta)
     write_video(os.path.join(samples_dir, f"eval_{steps}step.gif"), videos[:16])
   write_video(os.path.join(samples_dir, "real.gif"), raw["video"][:16])
   write_video(os.path.join(samples_dir, "untrained.gif"), floor_videos[:16])

@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcm_jax import data as data_lib
+from rcm_jax.data import pipeline as pipeline_lib
+from rcm_jax.data import records as records_lib
+from rcm_jax.data import worlds as worlds_lib
 from rcm_jax.errors import UserError
 from rcm_jax import models as models_lib
 from rcm_jax import recipes
@@ -24,7 +26,10 @@ class ConfigError(UserError):
 def validate(config) -> None:
   """Checks that need no compute; each error names the config key and the fix."""
   recipes.get_recipe(config.recipe)
-  data_lib.get_world(config.world, dict(config.data.world))  # unknown world names raise here
+  try:
+    worlds_lib.get_world(config.world, dict(config.data.world))
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"world={config.world!r} / data.world: {e}") from None
   if config.ema.kind not in ema_lib.EMA_KINDS:
     raise ConfigError(f"ema.kind={config.ema.kind!r}: choose one of {ema_lib.EMA_KINDS}.")
   if config.ema.kind == "power":
@@ -36,16 +41,19 @@ def validate(config) -> None:
   for key in ("num_steps", "log_every", "ckpt_every", "keep", "nan_patience", "batch_size"):
     if t[key] < 1:
       raise ConfigError(f"train.{key} must be >= 1, got {t[key]}.")
-  models_lib.build_model(config.model.size, **_model_overrides(config, None))  # validates model keys
+  try:
+    make_model(config)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from None
 
 
 def make_world(config):
-  return data_lib.get_world(config.world, dict(config.data.world))
+  return worlds_lib.get_world(config.world, dict(config.data.world))
 
 
 def ensure_data(config, world, root: str, *, split: str) -> str:
   n = config.data.num_train_videos if split == "train" else config.data.num_eval_videos
-  return data_lib.ensure_dataset(config.world, dict(config.data.world), n, config.data.seed, split, root)
+  return records_lib.ensure_dataset(config.world, dict(config.data.world), n, config.data.seed, split, root)
 
 
 def prepare(world, batch: dict) -> dict:
@@ -55,10 +63,8 @@ def prepare(world, batch: dict) -> dict:
 
 
 def batches(config, world, path: str, *, start_step: int = 0):
-  per_process = config.train.batch_size // jax.process_count()
-  it = data_lib.make_batches(path, config.train.batch_size, config.data.seed, start_step=start_step,
-                             process_index=jax.process_index(), process_count=jax.process_count())
-  del per_process
+  it = pipeline_lib.make_batches(path, config.train.batch_size, config.data.seed, start_step=start_step,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
   for b in it:
     yield prepare(world, b)
 
@@ -67,14 +73,22 @@ def first_batch(config, world, path: str) -> dict:
   return next(batches(config, world, path))
 
 
-def _model_overrides(config, batch) -> dict:
-  over = {k: v for k, v in dict(config.model).items() if k != "size"}
-  over.update(data_lib.model_overrides(config.world, dict(config.data.world)))
-  return over
+def world_model_fields(world) -> dict:
+  """The model fields a world fixes: latent channels and how its conditions enter the network."""
+  probe = world.generate(1, 0, "train")
+  inputs = world.model_inputs(probe)
+  channels = probe["video"].shape[-1]
+  return dict(in_channels=channels, out_channels=channels,
+              num_classes=world.num_classes if "labels" in inputs else 0,
+              num_actions=world.num_actions if "actions" in inputs else 0,
+              cond_channels=inputs["y"].shape[-1] if "y" in inputs else 0)
 
 
-def make_model(config, batch=None):
-  return models_lib.build_model(config.model.size, **_model_overrides(config, batch))
+def make_model(config, world=None):
+  world = world or make_world(config)
+  fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(config.model).items() if k != "size"}
+  fields.update(world_model_fields(world))
+  return models_lib.build_model(config.model.size, **fields)
 
 
 def check_params_match(params, abstract, source: str) -> None:

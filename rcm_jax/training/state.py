@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import struct
 
@@ -24,5 +25,5 @@ class TrainState:
   @classmethod
   def create(cls, params, tx, *, use_ema: bool, extra=None):
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-               ema=params if use_ema else None, nan_streak=jnp.zeros((), jnp.int32),
+               ema=jax.tree.map(jnp.copy, params) if use_ema else None, nan_streak=jnp.zeros((), jnp.int32),
                nan_total=jnp.zeros((), jnp.int32), extra=extra)

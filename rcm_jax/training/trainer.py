@@ -116,7 +116,7 @@ def train(config, workdir: str, *, data_root: str | None = None) -> dict[str, An
 
   # ---------------------------------------------------------------- model, recipe, state
   probe = setup_lib.first_batch(config, world, train_path)
-  model = setup_lib.make_model(config, probe)
+  model = setup_lib.make_model(config, world)
   recipe = recipes.get_recipe(config.recipe)(config, model)
   tx = optim.make_optimizer(config.optim)
   root_rng = jax.random.key(config.seed)
@@ -133,7 +133,7 @@ def train(config, workdir: str, *, data_root: str | None = None) -> dict[str, An
   state, restored = checkpoint.restore(mngr, state)
   start = int(state.step)
   if restored is not None:
-    logging.info("Resumed from step %d in %s.", start, workdir)
+    print(f"Resumed from step {start} in {workdir}.", flush=True)
   num_steps = config.train.num_steps
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
 
