@@ -79,3 +79,48 @@ def trigflow_from_rf_coeffs(s):
   c, sn = jnp.cos(s), jnp.sin(s)
   c_in = 1.0 / (c + sn)
   return c_in, c_in, -sn / (c + sn), sn / (c + sn)
+
+
+def trigflow_time(t_rf):
+  """RF time -> TrigFlow time s = arctan(t / (1 - t)) (sigma = t / (1 - t) in both); inverse of rf_time."""
+  t_rf = jnp.asarray(t_rf, jnp.float32)
+  return jnp.arctan2(t_rf, 1.0 - t_rf)
+
+
+def rf_time(s):
+  """TrigFlow time s in [0, pi/2] -> RF time sin s / (cos s + sin s)."""
+  return trigflow_from_rf_coeffs(s)[3]
+
+
+def trigflow_velocity_from_rf(x_s, s, v_rf):
+  """TrigFlow velocity F = dx_s/ds = cos s eps_hat - sin s x0_hat of an RF velocity `v_rf` evaluated at
+  (c_in x_s, rf_time(s)); x_s: [B, T, H, W, C], s: [B, T]. Equals ((cos - sin) x_s + v_rf) / (cos + sin)."""
+  c, sn = jnp.cos(bcast(s, x_s)), jnp.sin(bcast(s, x_s))
+  return ((c - sn) * x_s + v_rf) / (c + sn)
+
+
+def trigflow_interpolate(x0, eps, s):
+  """x_s = cos s x0 + sin s eps."""
+  sb = bcast(s, x0)
+  return jnp.cos(sb) * x0 + jnp.sin(sb) * eps
+
+
+# ----------------------------------------------------------------------------- dCM grid (TF-dCM)
+def dcm_times(u, k, *, num_steps: int = 48, shift_s: float = 3.0):
+  """Time t_k = shift(1 - u - k / num_steps, shift_s) of the shifted dCM grid; u ~ U(0, 1 - 1/num_steps).
+
+  k = 0 gives the start time t0 of the teacher's Euler step, k = 1 its end t1 < t0.
+  """
+  return shift(1.0 - u - k / num_steps, shift_s)
+
+
+def dcm_u(rng, shape, *, num_steps: int = 48):
+  """u ~ U(0, 1 - 1/num_steps): both grid points t0 and t1 stay in [0, 1]."""
+  return jax.random.uniform(rng, shape, jnp.float32, 0.0, 1.0 - 1.0 / num_steps)
+
+
+def uniform(rng, shape, *, t_min: float = 0.0, t_max: float = 1.0):
+  return jax.random.uniform(rng, shape, jnp.float32, t_min, t_max)
+
+
+TIME_SAMPLERS["uniform"] = uniform

@@ -47,3 +47,57 @@ def euler(velocity_fn: Callable, noise, times):
 
   x, _ = jax.lax.scan(body, x, (times[:-1], times[1:]))
   return x
+
+
+# ----------------------------------------------------------------------------- causal few-step schedules
+# Causal-rCM section 6: every chunk starts at x = eps * T0; the few-step schedules below (1/2-step runs do 4 steps
+# on the first chunk, which has no context to lean on).
+T0 = 1600.0 / 1601.0
+FOUR_STEP = (T0, 15.0 / 16.0, 5.0 / 6.0, 5.0 / 8.0, 0.0)
+FEW_STEP_LATER_CHUNKS = {4: FOUR_STEP, 2: (T0, 5.0 / 6.0, 0.0), 1: (T0, 0.0)}
+
+
+def few_step_times(num_steps: int, *, first_chunk: bool) -> tuple[float, ...]:
+  """The paper's distilled-student times [num_steps + 1] for one chunk (num_steps in 1, 2, 4)."""
+  if num_steps not in FEW_STEP_LATER_CHUNKS:
+    raise ValueError(f"few-step schedules exist for 1, 2 and 4 steps, got {num_steps} (config key eval.steps); "
+                     "use the 'euler' solver for other step counts.")
+  return FOUR_STEP if first_chunk else FEW_STEP_LATER_CHUNKS[num_steps]
+
+
+def euler_step(x, t, t_next, v):
+  """One Euler step of dx/dt = v from t to t_next (per-frame times [B, T] or scalars)."""
+  return x + flow.bcast(jnp.asarray(t_next) - jnp.asarray(t), x) * v
+
+
+def consistency_step(x, t, t_next, v, eps):
+  """Few-step sampler step: x0_hat = x - t v, re-noised to t_next with fresh noise eps."""
+  return flow.interpolate(flow.x0_from_velocity(x, t, v), eps, t_next)
+
+
+def euler_knots(velocity_fn: Callable, x, knots, substeps: int):
+  """Euler ODE from knots[0] to knots[-1], `substeps` uniform steps between consecutive knots.
+
+  x: [B, T, H, W, C] at time knots[0] (shared by frames). Returns the states at every knot, [K, B, T, H, W, C]
+  (index 0 is x itself): ODE pairs (x_{knot_k}, x_{knot_-1}) for knowledge distillation.
+  """
+  if substeps < 1:
+    raise ValueError(f"substeps must be >= 1, got {substeps} (config key kd.substeps).")
+  knots = jnp.asarray(knots, jnp.float32)
+  b, nf = x.shape[:2]
+  frac = jnp.arange(substeps + 1, dtype=jnp.float32) / substeps
+
+  def interval(x, ab):
+    a, c = ab
+    ts = a + (c - a) * frac
+
+    def step(x, tt):
+      t, t_next = tt
+      v = velocity_fn(x, jnp.full((b, nf), t, jnp.float32))
+      return euler_step(x, t, t_next, v), None
+
+    x, _ = jax.lax.scan(step, x, (ts[:-1], ts[1:]))
+    return x, x
+
+  _, states = jax.lax.scan(interval, x, (knots[:-1], knots[1:]))
+  return jnp.concatenate([x[None], states])
