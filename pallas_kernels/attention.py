@@ -185,5 +185,5 @@ def flash_attention(q, k, v, mask: Mask | None = None, *, sm_scale: float | None
   lq, lk = q.shape[1], k.shape[1]
   if mask is None:
     mask = Mask.full(lq, lk)
-  plan = _Plan(mask, lq, lk, scale, block_sizes or BlockSizes(), bool(interpret))
+  plan = _Plan(mask, lq, lk, scale, block_sizes or BlockSizes.default_for(q.dtype), bool(interpret))
   return _FlashAttention(jax.typeof(q), jax.typeof(k), jax.typeof(v), plan)(q, k, v)

@@ -42,14 +42,25 @@ class KernelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Per-kernel configs. `fwd` also sets the padding: Lq_pad, Lk_pad are multiples of lcm of all tiles."""
-  fwd: KernelConfig = KernelConfig(128, 64, 4, 3)
+  """Per-kernel configs; Lq_pad, Lk_pad are multiples of the largest tiles of the four.
+
+  Defaults: the best of a sweep at L=16384, H=12, D=128, bf16 on one H100 (benchmarks/RESULTS.md).
+  """
+  fwd: KernelConfig = KernelConfig(128, 128, 8, 3)
   bwd_dq: KernelConfig = KernelConfig(64, 64, 4, 2)
   bwd_dkdv: KernelConfig = KernelConfig(64, 64, 4, 2)
   jvp: KernelConfig = KernelConfig(128, 64, 8, 2)
 
   def all(self):
     return (self.fwd, self.bwd_dq, self.bwd_dkdv, self.jvp)
+
+  @classmethod
+  def default_for(cls, dtype) -> "BlockSizes":
+    """4-byte inputs double every shared-memory buffer: half-size tiles keep them under H100's 227 KB."""
+    if jnp.dtype(dtype).itemsize < 4:
+      return cls()
+    return cls(KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 2), KernelConfig(32, 64, 4, 2),
+               KernelConfig(64, 32, 4, 2))
 
 
 def _dot(a, b, trans_b=False):
