@@ -49,6 +49,55 @@ def _scan_body(block, x, context, timestep_proj, cos, sin):
   return block(x, context, timestep_proj, cos, sin), None
 
 
+def _check_inputs(cfg: WanConfig, x, t, context, labels, actions, y, mask, frame_positions):
+  """Every shape check, before any compute. Returns t as [B, F] and frame_positions as an int[F] array."""
+  if x.ndim != 5:
+    raise ValueError(f"x must be [B, T, H, W, C], got shape {x.shape}.")
+  b, num_t, height, width, channels = x.shape
+  pt, ph, pw = cfg.patch_size
+  for name, size, p in (("frames T", num_t, pt), ("height H", height, ph), ("width W", width, pw)):
+    if size % p:
+      raise ValueError(f"x {name} = {size} is not divisible by patch_size {cfg.patch_size} (config key "
+                       "patch_size); resize the latents or change patch_size.")
+  f, hp, wp = num_t // pt, height // ph, width // pw
+  if channels + (0 if y is None else y.shape[-1]) != cfg.in_channels + cfg.cond_channels or (
+      (y is None) != (cfg.cond_channels == 0)):
+    raise ValueError(f"x has {channels} channels and y {None if y is None else y.shape[-1]}, but the config "
+                     f"expects in_channels = {cfg.in_channels} and cond_channels = {cfg.cond_channels}; pass y "
+                     "exactly when cond_channels > 0 (config keys in_channels, cond_channels).")
+  if y is not None and y.shape[:4] != x.shape[:4]:
+    raise ValueError(f"y must be [B, T, H, W, cond_channels] matching x {x.shape[:4]}, got {y.shape}.")
+  t = jnp.asarray(t)
+  if t.ndim == 1:
+    t = jnp.broadcast_to(t[:, None], (t.shape[0], f))
+  if t.shape != (b, f):
+    raise ValueError(f"t must be [B, F] = {(b, f)} (one time per latent frame) or [B], got {t.shape}.")
+  if context is not None and (context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.text_dim):
+    raise ValueError(f"context must be [B, Lc, text_dim] = [{b}, Lc, {cfg.text_dim}], got {context.shape} "
+                     "(config key text_dim).")
+  if labels is not None:
+    if cfg.num_classes <= 0:
+      raise ValueError("labels were given but config num_classes = 0; set num_classes.")
+    if labels.ndim != 2 or labels.shape[0] != b:
+      raise ValueError(f"labels must be [B, K] ints, got {labels.shape}.")
+  if actions is not None:
+    if cfg.num_actions <= 0:
+      raise ValueError("actions were given but config num_actions = 0; set num_actions.")
+    if actions.shape != (b, f):
+      raise ValueError(f"actions must be [B, F] = {(b, f)}, got {actions.shape}.")
+  if frame_positions is None:
+    frame_positions = np.arange(f)
+  elif not hasattr(frame_positions, "shape"):
+    frame_positions = np.asarray(frame_positions)
+  if frame_positions.shape != (f,):
+    raise ValueError(f"frame_positions must be [F] = [{f}], got {frame_positions.shape}.")
+  num_tokens = f * hp * wp
+  if mask is not None and mask.shape != (num_tokens, num_tokens):
+    raise ValueError(f"mask shape {mask.shape} != (L, L) with L = F * H/ph * W/pw = {f} * {hp} * {wp} = "
+                     f"{num_tokens}; build it with tokens_per_frame = {hp * wp} and num_frames = {f}.")
+  return t, frame_positions
+
+
 class WanModel(nn.Module):
   """Wan2.1 DiT predicting the rectified-flow velocity `eps - x0`. See `__call__`."""
   config: WanConfig
@@ -62,7 +111,8 @@ class WanModel(nn.Module):
     t: [B, F] time in [0, 1] per (post-patch) latent frame, F = T // patch_size[0] (= T for Wan), or [B]
        for one time per sample. The network receives 1000 * t.
     context: [B, Lc, text_dim] text embeddings. labels: [B, K] int class tokens (index num_classes = null),
-       embedded as extra context tokens after `context`. Neither: cross-attention is skipped.
+       embedded as extra context tokens after `context`. Neither: the null class token if num_classes > 0,
+       else the cross-attention sub-layers are skipped (their params exist all the same).
     actions: [B, F] int per-frame actions (index num_actions = null), added to the per-frame time embedding.
     y: [B, T, H, W, cond_channels] concatenated to x on channels before the patch embedding (i2v style).
     mask: static `pallas_kernels.Mask` [L, L] over the L = F * (H / ph) * (W / pw) tokens (frame-major).
@@ -71,41 +121,22 @@ class WanModel(nn.Module):
     """
     cfg = self.config
     dt = cfg.compute_dtype
-    if x.ndim != 5:
-      raise ValueError(f"x must be [B, T, H, W, C], got shape {x.shape}.")
+    t, frame_positions = _check_inputs(cfg, x, t, context, labels, actions, y, mask, frame_positions)
     b, num_t, height, width, _ = x.shape
     pt, ph, pw = cfg.patch_size
-    for name, size, p in (("frames T", num_t, pt), ("height H", height, ph), ("width W", width, pw)):
-      if size % p:
-        raise ValueError(f"x {name} = {size} is not divisible by patch_size {cfg.patch_size} (config key "
-                         "patch_size); resize the latents or change patch_size.")
     f, hp, wp = num_t // pt, height // ph, width // pw
     num_tokens = f * hp * wp
 
     # --- patch embedding: Conv3d with kernel = stride = patch_size ---
     if y is not None:
       x = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
-    if x.shape[-1] != cfg.in_channels + cfg.cond_channels:
-      raise ValueError(f"x (+ y) has {x.shape[-1]} channels but the config expects in_channels + cond_channels = "
-                       f"{cfg.in_channels} + {cfg.cond_channels}; pass y exactly when cond_channels > 0 "
-                       "(config keys in_channels, cond_channels).")
     h = nn.Conv(cfg.dim, kernel_size=cfg.patch_size, strides=cfg.patch_size, padding="VALID", dtype=dt,
                 param_dtype=jnp.float32, name="patch_embedding")(x.astype(dt))
     h = at_least_f32(h.reshape(b, num_tokens, cfg.dim))                 # residual stream [B, L, D]
 
     # --- time (+ action) embedding, per frame, fp32 ---
-    t = jnp.asarray(t)
-    if t.ndim == 1:
-      t = jnp.broadcast_to(t[:, None], (t.shape[0], f))
-    if t.shape != (b, f):
-      raise ValueError(f"t must be [B, F] = {(b, f)} (one time per latent frame) or [B], got {t.shape}.")
     cond = WanConditionEmbedder(cfg, name="condition_embedder")
     temb = cond.embed_time(1000.0 * at_least_f32(t))                     # [B, F, D]
-    if actions is not None:
-      if cfg.num_actions <= 0:
-        raise ValueError("actions were given but config num_actions = 0; set num_actions.")
-      if actions.shape != (b, f):
-        raise ValueError(f"actions must be [B, F] = {(b, f)}, got {actions.shape}.")
     if cfg.num_actions > 0:
       # Zero-initialised: a pretrained Wan checkpoint is unchanged until the action embedding learns.
       embed = nn.Embed(cfg.num_actions + 1, cfg.dim, param_dtype=jnp.float32,
@@ -115,18 +146,8 @@ class WanModel(nn.Module):
       temb = temb + at_least_f32(embed(actions)).astype(temb.dtype)
     timestep_proj = cond.project_time(temb)                             # [B, F, 6, D]
 
-    # --- context tokens ---
-    tokens = []
-    if context is not None:
-      if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.text_dim:
-        raise ValueError(f"context must be [B, Lc, text_dim] = [{b}, Lc, {cfg.text_dim}], got {context.shape} "
-                         "(config key text_dim).")
-      tokens.append(context.astype(dt))
-    if labels is not None:
-      if cfg.num_classes <= 0:
-        raise ValueError("labels were given but config num_classes = 0; set num_classes.")
-      if labels.ndim != 2 or labels.shape[0] != b:
-        raise ValueError(f"labels must be [B, K] ints, got {labels.shape}.")
+    # --- context tokens: text, then class labels ---
+    tokens = [] if context is None else [context.astype(dt)]
     if cfg.num_classes > 0:
       if labels is None and (context is None or self.is_initializing()):
         labels = jnp.full((b, 1), cfg.num_classes, jnp.int32)  # the null class: unconditional
@@ -139,18 +160,9 @@ class WanModel(nn.Module):
       tokens.append(jnp.zeros((b, 1, cfg.text_dim), dt))
     ctx = cond.embed_text(jnp.concatenate(tokens, axis=1)) if tokens else None   # [B, Lc, D]
 
-    # --- 3D RoPE and the mask ---
-    if frame_positions is None:
-      frame_positions = np.arange(f)
-    elif not hasattr(frame_positions, "shape"):
-      frame_positions = np.asarray(frame_positions)
-    if frame_positions.shape != (f,):
-      raise ValueError(f"frame_positions must be [F] = [{f}], got {frame_positions.shape}.")
+    # --- 3D RoPE tables at the frames' positions ---
     cos, sin = rope_tables(frame_positions, hp, wp, head_dim=cfg.head_dim, theta=cfg.rope_theta,
                            max_len=cfg.rope_max_seq_len)
-    if mask is not None and mask.shape != (num_tokens, num_tokens):
-      raise ValueError(f"mask shape {mask.shape} != (L, L) with L = F * H/ph * W/pw = {f} * {hp} * {wp} = "
-                       f"{num_tokens}; build it with tokens_per_frame = {hp * wp} and num_frames = {f}.")
 
     # --- transformer blocks ---
     use_remat, policy = remat_policy(cfg.remat_policy)
@@ -195,7 +207,7 @@ def init_params(config: "str | WanConfig", rng):
   """Freshly initialised fp32 params of the model for `config` (a size name or WanConfig)."""
   config = get_config(config)
   args, kwargs = dummy_inputs(config)
-  return WanModel(config).init(rng, *args, **kwargs)["params"]
+  return jax.jit(WanModel(config).init)(rng, *args, **kwargs)["params"]
 
 
 def count_params(config: "str | WanConfig") -> int:
