@@ -207,7 +207,7 @@ def init_params(config: "str | WanConfig", rng):
   """Freshly initialised fp32 params of the model for `config` (a size name or WanConfig)."""
   config = get_config(config)
   args, kwargs = dummy_inputs(config)
-  return jax.jit(WanModel(config).init)(rng, *args, **kwargs)["params"]
+  return WanModel(config).init(rng, *args, **kwargs)["params"]
 
 
 def count_params(config: "str | WanConfig") -> int:
