@@ -2,7 +2,9 @@
 
 Module and parameter names mirror diffusers' `WanTransformer3DModel` so a checkpoint maps by a fixed rule:
 `blocks.3.attn1.to_out.0.weight` -> `blocks_3/attn1/to_out_0/kernel` (transposed), `*.norm_q.weight` ->
-`*/norm_q/scale`, `ffn.net.0.proj` -> `ffn/net_0/proj`, `norm2.weight/bias` -> `norm2/scale/bias`.
+`*/norm_q/scale`, `ffn.net.0.proj` -> `ffn/net_0/proj`, `norm2.weight/bias` -> `norm2/scale/bias`,
+`patch_embedding.weight` [D, C, kt, kh, kw] -> `patch_embedding/kernel` [kt, kh, kw, C, D]. With
+`scan_layers` the blocks are one `blocks` subtree with a leading layer axis (`wan.loop_to_scan_params`).
 
 Precision (as Wan2.1 runs under autocast): params are fp32; dense layers and attention run in
 `config.dtype`; the residual stream, LayerNorms, RMSNorms, time embeddings and AdaLN modulation stay in
@@ -118,23 +120,23 @@ class WanAttention(nn.Module):
     if cfg.qk_norm:
       self.norm_q = nn.RMSNorm(epsilon=cfg.eps, dtype=None, param_dtype=jnp.float32)
       self.norm_k = nn.RMSNorm(epsilon=cfg.eps, dtype=None, param_dtype=jnp.float32)
+    else:
+      self.norm_q = self.norm_k = None
 
   def _heads(self, x):  # [B, L, D] -> [B, L, H, Dh]
     return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.head_dim)
 
-  def _norm(self, norm, x):
-    if not self.config.qk_norm:
-      return x
-    return norm(at_least_f32(x)).astype(x.dtype)
+  @staticmethod
+  def _norm(norm, x):  # RMSNorm over all heads at once (qk_norm="rms_norm_across_heads"), in fp32
+    return x if norm is None else norm(at_least_f32(x)).astype(x.dtype)
 
   def project_q(self, x):
     """x [B, L, D] -> q [B, L, H, Dh] (no RoPE)."""
-    return self._heads(self._norm(self.norm_q if self.config.qk_norm else None, self.to_q(x)))
+    return self._heads(self._norm(self.norm_q, self.to_q(x)))
 
   def project_kv(self, source):
     """source [B, Lk, D] -> k, v [B, Lk, H, Dh] (no RoPE)."""
-    k = self._norm(self.norm_k if self.config.qk_norm else None, self.to_k(source))
-    return self._heads(k), self._heads(self.to_v(source))
+    return self._heads(self._norm(self.norm_k, self.to_k(source))), self._heads(self.to_v(source))
 
   def project_qkv(self, x, cos, sin):
     """Self-attention inputs. x [B, L, D]; cos/sin [L, Dh/2] at the tokens' positions -> q, k, v [B, L, H, Dh]."""
