@@ -54,6 +54,7 @@ def get_config(arg=None):
     c[job].sampler = "bidirectional"
     c[job].solver = "euler"                  # causal sampler: "euler" (diffusion) | "consistency" (few-step)
     c[job].noisy_context = False
+    c[job].average_velocity = False          # causal sampler: TF-MeanFlow students are called as u(z, 0, t)
 
   steps = dict(tf=1000, cm=500) if not arg.runlocal else dict(tf=4, cm=4)
   cm_name = OBJECTIVES[arg.objective]
@@ -75,6 +76,6 @@ def get_config(arg=None):
                                     steps=(4, 8, 16) if not arg.runlocal else (2,)))
   c.stages.eval_cm = dict(command="eval", source=cm_name,
                           eval=dict(label=cm_name, sampler="causal", solver="consistency", cfg_scale=1.0,
-                                    steps=(1, 2, 4)))
+                                    steps=(1, 2, 4), average_velocity=arg.objective == "meanflow"))
   c.stage_order = ("teacher", "tf", cm_name, "eval_teacher", "eval_tf", "eval_cm")
   return c

@@ -15,7 +15,8 @@ Teachers use CFG (`cfg_scale` != 1: one batched pass over [cond | null]); distil
 
 Eval wiring: `sample_videos(config, ...)` has the signature of `training.setup.sample_videos`; a job picks it
 when `config.eval.sampler == "causal"` (or `config.sample.sampler`), with `eval.solver` / `sample.solver`
-and `eval.noisy_context` / `sample.noisy_context`, the block pattern from `config.causal`.
+`eval.noisy_context` / `sample.noisy_context` and `eval.average_velocity` (TF-MeanFlow students), the block
+pattern from `config.causal`.
 This module also owns the condition helpers shared with the causal recipes (PER_FRAME_CONDITIONS,
 `slice_cond`, `guided_call`), since recipes sit above inference.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +57,31 @@ def guided_call(fn: Callable, cond: dict, null: dict, scale: float, *args):
   return samplers.cfg(v[:b], v[b:], scale)
 
 
+def mean_flow_apply(model, params, x, t, r, **kwargs):
+  """Average velocity u(x, r, t) of a TF-MeanFlow model (recipes/tf_meanflow.py); t, r: [B, T].
+
+  model.apply with the per-frame time embedding E(1000 t) + E(1000 (t - r)) - E(0), E the model's own
+  `condition_embedder.embed_time`, injected by a flax method interceptor (no new params; r = t gives v(x, t)).
+  """
+  t, r = jnp.asarray(t), jnp.asarray(r)
+  gap = 1000.0 * (t - r).astype(jnp.promote_types(t.dtype, jnp.float32))   # at least fp32, as the model's 1000 t
+  calls = []
+
+  def interceptor(next_fun, args, kw, context):
+    if context.method_name != "embed_time":
+      return next_fun(*args, **kw)
+    calls.append(1)
+    (ts,) = args
+    return next_fun(ts) + next_fun(gap) - next_fun(jnp.zeros_like(gap))
+
+  with nn.intercept_methods(interceptor):
+    out = model.apply(params, x, t, **kwargs)
+  if not calls:
+    raise RuntimeError("mean_flow_apply: the model no longer calls condition_embedder.embed_time; update it to "
+                       "the model's time path.")
+  return out
+
+
 def chunk_times(solver: str, num_steps: int, shift: float, first_chunk: bool) -> np.ndarray:
   if solver == "consistency":
     return np.asarray(samplers.few_step_times(num_steps, first_chunk=first_chunk), np.float32)
@@ -67,13 +94,15 @@ def chunk_times(solver: str, num_steps: int, shift: float, first_chunk: bool) ->
 
 
 @partial(jax.jit, static_argnames=("model", "pattern", "num_steps", "cfg_scale", "solver", "shift",
-                                   "noisy_context"))
+                                   "noisy_context", "average_velocity"))
 def sample(model, params, noise, cond: dict, null: dict, *, pattern, num_steps: int, cfg_scale: float,
-           solver: str = "consistency", shift: float = 1.0, noisy_context: bool = False, rng=None):
+           solver: str = "consistency", shift: float = 1.0, noisy_context: bool = False,
+           average_velocity: bool = False, rng=None):
   """noise: [B, T, H, W, C] -> samples [B, T, H, W, C], chunk by chunk.
 
   pattern: hashable, with first_chunk_frames, chunk_frames, local_blocks (None = all), sink_blocks
   (e.g. `rcm_jax.recipes.causal.BlockPattern`). rng: fresh noise of the consistency solver.
+  average_velocity: a TF-MeanFlow model, called as u(x, 0, t) for the chunk (context frames keep r = t).
   """
   b, nf, h, w, _ = noise.shape
   _, ph, pw = model.config.patch_size
@@ -86,7 +115,11 @@ def sample(model, params, noise, cond: dict, null: dict, *, pattern, num_steps: 
   outs = []
   for i, (f0, f1) in enumerate(masks.block_frame_ranges(nf, **blocks)):
     mask = masks.block_causal(f1, tpf, **blocks, **window)
-    fn = lambda xf, tf, c, mask=mask, f0=f0: model.apply(params, xf, tf, **c, mask=mask)[:, f0:]
+    if average_velocity:   # r = 0 on the chunk, r = t (plain velocity) on the context
+      fn = lambda xf, tf, c, mask=mask, f0=f0: mean_flow_apply(
+          model, params, xf, tf, tf.at[:, f0:].set(0.0), **c, mask=mask)[:, f0:]
+    else:
+      fn = lambda xf, tf, c, mask=mask, f0=f0: model.apply(params, xf, tf, **c, mask=mask)[:, f0:]
     c_i, n_i = slice_cond(cond, 0, f1), slice_cond(null, 0, f1)
     times = jnp.asarray(chunk_times(solver, num_steps, shift, i == 0))
     n = f1 - f0
@@ -149,5 +182,6 @@ def sample_videos(config, model, params, batch: dict, rng, *, num: int, num_step
                num_steps=int(num_steps or config.sample.steps),
                cfg_scale=float(section.cfg_scale if cfg_scale is None else cfg_scale),
                solver=section.get("solver", "consistency"), shift=float(config.sample.shift),
-               noisy_context=bool(section.get("noisy_context", False)), rng=r_sample)
+               noisy_context=bool(section.get("noisy_context", False)),
+               average_velocity=bool(section.get("average_velocity", False)), rng=r_sample)
   return np.asarray(out)

@@ -39,19 +39,21 @@ class TeacherForcingKD(causal.CausalRecipe):
                                      "bidirectional teacher: set teacher.kind='bidirectional' (an rf stage).")
     self.knots = knots
 
-  def ode_pairs(self, frozen, batch, eps):
-    """States of the teacher's guided Euler ODE at every knot: [K, B, T, H, W, C] (last = x0_ode)."""
-    lay = None
+  def ode_pairs(self, frozen, lay, batch, eps):
+    """States of the teacher's guided Euler ODE at every knot: [K, B, T, H, W, C] (last = x0_ode).
+
+    The teacher is bidirectional (checked in __init__), so it sees x alone; x is passed as the unused context.
+    """
     vel = lambda x, t: self.teacher_velocity(frozen, lay, x, x, t, batch)
     return samplers.euler_knots(vel, eps * self.knots[0], self.knots, int(self.cfg.substeps))
 
   def loss(self, params, frozen, batch, rng, step):
     shape = jnp.shape(batch["video"])
     b, nf = shape[:2]
-    lay = causal.layout(self.pattern, self.model, jnp.zeros(shape))
+    lay = causal.layout(self.pattern, self.model, jax.ShapeDtypeStruct(shape, jnp.float32))
     r_eps, r_k = jax.random.split(rng)
     eps = jax.random.normal(r_eps, shape, jnp.float32)
-    states = jax.lax.stop_gradient(self.ode_pairs(frozen, batch, eps))   # [K, B, T, H, W, C]
+    states = jax.lax.stop_gradient(self.ode_pairs(frozen, lay, batch, eps))   # [K, B, T, H, W, C]
     x0_ode = states[-1]
     ids = lay.block_ids()
     k = jax.random.randint(r_k, (b, int(ids.max()) + 1), 0, len(self.knots) - 1)[:, ids]   # [B, T]

@@ -10,43 +10,24 @@ The second time input, without touching the model's layers: the model's own time
 is reused, temb = E(1000 t) + E(1000 (t - r)) - E(0), injected by a flax method interceptor on
 `WanConditionEmbedder.embed_time`. No new params, the param tree is the TF checkpoint's, and at r = t the
 network is exactly the instantaneous-velocity model v(z, t): a TF / TF-sCM checkpoint initialises it, and
-sampling uses u(z, 0, t) (an x0 prediction z - t u). The clean half has t = r = 0, so it is unchanged.
+sampling uses u(z, 0, t) (an x0 prediction z - t u; causal sampler `average_velocity=True`, config key
+eval.average_velocity). The clean half has t = r = 0, so it is unchanged. `mean_flow_apply` lives in
+inference/causal_sample.py because the sampler needs it too.
 Times: t, r from LogitNormal(scm.time_mean, scm.time_std) sorted so r <= t, shared by frames; with
 probability 1 - meanflow.p_interval, r = t (the MeanFlow paper's 25 % r != t is the default).
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from rcm_jax.diffusion import flow
+from rcm_jax.inference.causal_sample import mean_flow_apply
 from rcm_jax.recipes import causal, cm
 from rcm_jax.recipes.base import register
 from rcm_jax.recipes.tf_scm import MAX_XLA_TOKENS, check_jvp_attention
 
 VELOCITIES = ("teacher", "data")
-
-
-def mean_flow_apply(model, params, x, t, r, **kwargs):
-  """u(x, r, t): model.apply with the time embedding E(1000 t) + E(1000 (t - r)) - E(0); t, r: [B, T]."""
-  t, r = jnp.asarray(t), jnp.asarray(r)
-  gap = 1000.0 * (t - r).astype(jnp.promote_types(t.dtype, jnp.float32))   # at least fp32, as the model's 1000 t
-  calls = []
-
-  def interceptor(next_fun, args, kw, context):
-    if context.method_name != "embed_time":
-      return next_fun(*args, **kw)
-    calls.append(1)
-    (ts,) = args
-    return next_fun(ts) + next_fun(gap) - next_fun(jnp.zeros_like(gap))
-
-  with nn.intercept_methods(interceptor):
-    out = model.apply(params, x, t, **kwargs)
-  if not calls:
-    raise RuntimeError("tf_meanflow: the model no longer calls condition_embedder.embed_time; update "
-                       "mean_flow_apply to the model's time path.")
-  return out
 
 
 @register("tf_meanflow")
