@@ -461,9 +461,10 @@ def _np_diffusers_forward(sd, cfg, x, timestep, ctx):
   half = cfg.freq_dim // 2
   emb = timestep.reshape(-1)[:, None] * np.exp(-np.log(10000.0) * np.arange(half) / half)[None]
   emb = np.concatenate([np.cos(emb), np.sin(emb)], -1).reshape(bsz, -1, cfg.freq_dim)
-  temb = lin(silu(lin(emb, "condition_embedder.time_embedder.linear_1")), "condition_embedder.time_embedder.linear_2")
-  tproj = lin(silu(temb), "condition_embedder.time_proj").reshape(bsz, -1, 6, cfg.dim)
-  enc = lin(gelu_tanh(lin(ctx, "condition_embedder.text_embedder.linear_1")), "condition_embedder.text_embedder.linear_2")
+  ce = "condition_embedder."
+  temb = lin(silu(lin(emb, ce + "time_embedder.linear_1")), ce + "time_embedder.linear_2")
+  tproj = lin(silu(temb), ce + "time_proj").reshape(bsz, -1, 6, cfg.dim)
+  enc = lin(gelu_tanh(lin(ctx, ce + "text_embedder.linear_1")), ce + "text_embedder.linear_2")
   for i in range(cfg.num_layers):
     p = f"blocks.{i}"
     mod = sd[p + ".scale_shift_table"][None] + tproj
