@@ -476,6 +476,17 @@ def test_missing_or_mismatched_teacher_names_teacher_from(tiny, tmp_path):
     recipes.get_recipe("tf_scm")(_config("tf_scm", teacher_from=str(tmp_path)), model)
   with pytest.raises(RecipeConfigError, match="teacher_from"):
     causal.check_params_fit(_params(_model(dim=96), 0), model, "teacher_from")
+  # a causal teacher trained with another block pattern: refused before loading, naming the key
+  stage = tmp_path / "tf"
+  stage.mkdir()
+  cfg = _config("tf_scm", teacher_from=str(stage))
+  other = cfg.to_dict()
+  other.update(causal=dict(first_chunk_frames=1, chunk_frames=2, local_blocks=0, sink_blocks=0),
+               model=dict(size="tiny", patch_size=[1, 4, 4]))
+  cfg.model = dict(size="tiny", patch_size=(1, 4, 4))
+  (stage / "config.json").write_text(ml_collections.ConfigDict(other).to_json())
+  with pytest.raises(RecipeConfigError, match="causal.chunk_frames"):
+    recipes.get_recipe("tf_scm")(cfg, model)
 
 
 def test_jvp_attention_guards_name_the_key():
@@ -500,6 +511,11 @@ def test_causal_sampler_is_causal_and_uses_the_few_step_schedules(tiny):
   out2 = causal_sample.sample(model, student, noise2, b["cond"], b["null"], **kw)
   np.testing.assert_allclose(out2[:, :2], out[:, :2], atol=1e-6)
   assert float(jnp.abs(out2[:, 2:] - out[:, 2:]).max()) > 1e-4
+  cfg = _load_config("runlocal")   # the eval jobs' entry point reads the pattern and solver from config
+  cfg.eval.update(sampler="causal", solver="consistency", cfg_scale=1.0)
+  cfg.causal.update(first_chunk_frames=2, chunk_frames=2)
+  via_config = causal_sample.sample_videos(cfg, model, student, b, jax.random.key(0), num=B, num_steps=2)
+  assert via_config.shape == noise.shape and np.all(np.isfinite(via_config))
   assert samplers.few_step_times(2, first_chunk=True) == samplers.FOUR_STEP
   assert samplers.few_step_times(1, first_chunk=False) == (1600 / 1601, 0.0)
   with pytest.raises(ValueError, match="eval.steps"):
@@ -545,3 +561,14 @@ def test_causal_recipe_config_resolves_every_stage(arg, tmp_path):
   cm_stage = pipeline.stage_config(cfg, cfg.stage_order[2], str(tmp_path))
   assert cm_stage.teacher_from == os.path.join(str(tmp_path), "tf")
   assert cm_stage.init_from == os.path.join(str(tmp_path), "tf")
+
+
+@pytest.mark.slow
+def test_causal_recipe_runlocal_trains_teacher_tf_and_tf_scm_end_to_end(tmp_path):
+  from rcm_jax.training import pipeline
+  cfg = _load_config("runlocal")
+  cfg.stage_order = ("teacher", "tf", "tf_scm")
+  results = pipeline.run_recipe(cfg, str(tmp_path))
+  for name in cfg.stage_order:
+    assert results[name]["step"] == cfg.train.num_steps and np.isfinite(results[name]["final_loss"])
+  assert results["tf_scm"]["final_nan_samples"] == 0.0

@@ -241,21 +241,23 @@ def _check_stage_config(stage_dir: str, config, key: str, kind: str) -> None:
   with open(path) as f:
     other = json.load(f)
   mine = json.loads(config.to_json_best_effort())
-  keys = ["model.size", "model.patch_size"]
-  if kind == "causal":
-    keys += [f"causal.{k}" for k in ("first_chunk_frames", "chunk_frames", "local_blocks", "sink_blocks")]
-  for dotted in keys:
-    a, b = other, mine
-    for part in dotted.split("."):
-      a = a.get(part, "<missing>") if isinstance(a, dict) else "<missing>"
-      b = b.get(part, "<missing>") if isinstance(b, dict) else "<missing>"
-    if dotted.startswith("causal.") and a == "<missing>":
-      raise RecipeConfigError(f"{key}={stage_dir} has no causal block pattern (not a TF/DF stage?) but "
-                              f"teacher.kind='causal'; set teacher.kind='bidirectional' or point {key} at a "
-                              "causal stage.")
+  for name in ("size", "patch_size", "dim", "num_heads", "num_layers"):
+    a, b = other.get("model", {}).get(name), mine.get("model", {}).get(name)
+    if a is not None and b is not None and a != b:
+      raise RecipeConfigError(f"{key}={stage_dir} was trained with model.{name}={a!r}, this stage has {b!r}; "
+                              "they must match.")
+  if kind != "causal":
+    return
+  if "causal" not in other:
+    raise RecipeConfigError(f"{key}={stage_dir} has no causal block pattern (not a TF/DF stage?) but "
+                            f"teacher.kind='causal'; set teacher.kind='bidirectional' or point {key} at a causal stage.")
+  theirs = BlockPattern.from_config(ml_collections.ConfigDict({"causal": other["causal"]}))
+  ours = BlockPattern.from_config(config)
+  for field in dataclasses.fields(BlockPattern):
+    a, b = getattr(theirs, field.name), getattr(ours, field.name)
     if a != b:
-      raise RecipeConfigError(f"{key}={stage_dir} was trained with {dotted}={a!r}, this stage has {b!r}; "
-                              f"they must match.")
+      raise RecipeConfigError(f"{key}={stage_dir} was trained with causal.{field.name}={a!r}, this stage has "
+                              f"{b!r}; a causal teacher must share the block pattern.")
 
 
 def load_frozen(config, model, key: str, *, use_ema: bool = True, kind: str = "bidirectional"):
