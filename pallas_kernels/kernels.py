@@ -7,6 +7,9 @@ and loops over the non-empty tiles its schedule lists: first the partial tiles (
 then the full ones (no mask code at all). Scores run in base 2 (`exp2`, scale folded with log2 e);
 the saved statistic is `lse2 = m2 + log2(l)` per row.
 
+Tiles: `BlockSizes` holds one (block_q, block_k, num_warps, num_stages) per kernel; the defaults come
+from an H100 sweep (benchmarks/RESULTS.md), with half-size tiles for f32 inputs (shared memory).
+
 Fully masked rows never produce NaN: the running max starts at a finite MASK_VALUE, probabilities
 of masked entries are zeroed explicitly, `l = 0` rows output 0 and store `lse2 = +BIG`, so
 backward probabilities `exp2(s2 - lse2)` vanish on them.

@@ -1,8 +1,17 @@
-"""Static attention masks: what the model, the kernel and the tests agree on.
+"""Static attention masks and the per-tile schedules the kernels read.
 
 A `Mask` is a trace-time constant (hashable, numpy-backed), never a traced array. It is either a
 dense boolean matrix (small cases, tests) or a union of allowed rectangles `(q0, q1, k0, k1)` (the
 video masks, which stay cheap at 131k x 131k tokens). `True` means "query may attend to key".
+
+`tile_schedule(mask, Lq_pad, Lk_pad, block_q, block_k)` classifies every tile EMPTY / PARTIAL / FULL and
+lists, per query tile and per key tile, the tiles to compute (partial first, then full). For rectangles
+this is analytic: rows between consecutive rectangle edges ("segments") share one list of allowed key
+intervals, so the work is O(segments x key tiles), never O(Lq x Lk) (a Wan teacher-forcing mask of
+131,040 tokens builds in well under a second). Element masks of partial tiles are computed in-kernel
+from per-row key intervals `starts/ends [R, Lq_pad]` (R <= 3 for the video masks): R compare pairs
+against a column iota, no stored [bq, bk] blocks, so nothing to deduplicate. Dense masks with many runs
+per row (random test masks) fall back to loading the tile of the dense int8 matrix.
 """
 from __future__ import annotations
 

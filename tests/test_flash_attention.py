@@ -9,6 +9,7 @@ from hypothesis import Phase, given, settings, strategies as st
 
 import pallas_kernels as pk
 from pallas_kernels import Mask, reference
+from pallas_kernels.mask import tile_schedule
 from rcm_jax.models import masks as video
 
 SMALL = pk.BlockSizes(*(pk.KernelConfig(32, 16) for _ in range(4)))  # many tiles at small L
@@ -134,6 +135,7 @@ def test_fully_masked_rows_give_zeros_and_finite_derivatives():
   dense = rng.random((lq, lk)) < 0.5
   dense[3] = dense[17:40] = False  # 17..39 spans whole tiles and partial tiles
   mask = Mask.from_dense(dense)
+  assert tile_schedule(mask, 64, 48, 32, 16).mode == "dense"  # also covers the dense element-mask path
   q, k, v, tq, tk, tv = _inputs(rng, 1, lq, lk, 2, 2, 64, jnp.float32, n=2)
   f = functools.partial(pk.flash_attention, mask=mask, block_sizes=SMALL)
   o, to = jax.jvp(f, (q, k, v), (tq, tk, tv))
