@@ -9,6 +9,7 @@ same function at stop-gradient'ed params and inputs) all go through the same cal
 model. We chose it over the two-op fallback (custom_vjp for training + custom_jvp for the JVP branch,
 picked by a static flag) because it was checked working on jax 0.12.0.1 (CPU) here for jit, grad, jvp,
 the sCM pattern and `jax.checkpoint`, and the fallback would push a mode flag into every model call.
+`jax.vmap` folds the mapped axis into the batch axis (`batch` rule), so per-sample losses work too.
 What is NOT supported: reverse mode *through* the JVP (grad of a jvp at non-stop-gradient'ed inputs,
 i.e. second order); the jvp rule's kernel has no transpose. The sCM/MeanFlow losses never need it.
 Remat: under `jax.checkpoint` the op is recomputed whole (HiPrim's default rule), but only with
@@ -109,6 +110,14 @@ class _FlashAttention(hijax.HiPrim):
         p.sched(p.dq), p.sched(p.dkdv), p.dq, p.dkdv, sm_scale=p.sm_scale, interpret=p.interpret)
     lq, lk = q.shape[1], k.shape[1]
     return dq[:, :lq], dk[:, :lk], dv[:, :lk]
+
+  def batch(self, axis_data, args, dims):
+    """vmap: fold the mapped axis into the batch axis (one kernel launch, same schedules)."""
+    q, k, v = hijax.bdims_at_front(axis_data, args, dims)  # [N, B, L, H, D]
+    n = axis_data.size
+    q2, k2, v2 = (x.reshape(n * x.shape[1], *x.shape[2:]) for x in (q, k, v))
+    out = _FlashAttention(jax.typeof(q2), jax.typeof(k2), jax.typeof(v2), self.plan)(q2, k2, v2)
+    return out.reshape(q.shape), 0
 
   def jvp(self, primals, tangents):
     q, k, v = primals

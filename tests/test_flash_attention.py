@@ -209,6 +209,19 @@ def test_checkpoint_and_partial_tangents():
   assert _rel(to, rto) < 5e-5
 
 
+def test_vmap_folds_into_batch():
+  rng = np.random.default_rng()
+  mask = video.block_causal(3, 7, first_chunk_frames=1, chunk_frames=1)
+  q, k, v = (jnp.asarray(rng.standard_normal((3, 2, 21, 2, 64)), jnp.float32) for _ in range(3))
+  f = functools.partial(pk.flash_attention, mask=mask, block_sizes=SMALL)
+  want = np.stack([f(q[i], k[i], v[i]) for i in range(3)])
+  np.testing.assert_allclose(jax.vmap(f)(q, k, v), want, atol=1e-5)
+  np.testing.assert_allclose(jax.vmap(f, (0, None, None))(q, k[0], v[0]),
+                             np.stack([f(q[i], k[0], v[0]) for i in range(3)]), atol=1e-5)
+  g = jax.vmap(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2)))(q, k, v)
+  np.testing.assert_allclose(g[1], jax.grad(lambda q: jnp.sum(f(q, k[1], v[1]) ** 2))(q[1]), atol=1e-5)
+
+
 def test_xla_fallback_equals_reference():
   rng = np.random.default_rng()
   q, k, v = _inputs(rng, 1, 10, 12, 2, 1, 32, jnp.float32)
