@@ -7,8 +7,10 @@ Wiring choice: one hijax primitive (`jax.experimental.hijax.HiPrim`) carries bot
 So `jax.grad`, `jax.jvp`, `jax.jit` and the sCM pattern (grad of a loss whose target holds a jvp of the
 same function at stop-gradient'ed params and inputs) all go through the same call, with no flag in the
 model. We chose it over the two-op fallback (custom_vjp for training + custom_jvp for the JVP branch,
-picked by a static flag) because it was checked working on jax 0.12.0.1 (CPU) here for jit, grad, jvp,
-the sCM pattern and `jax.checkpoint`, and the fallback would push a mode flag into every model call.
+picked by a static flag) because it works on both jax versions we run: 0.12.0.1 (CPU interpret tests:
+jit, grad, jvp, vmap, the sCM pattern, `jax.checkpoint`) and 0.11.2 on the H100 (compiled Triton: fwd,
+grad, jvp, and the sCM gradient under `jax.checkpoint`), while the fallback would push a mode flag into
+every model call.
 `jax.vmap` folds the mapped axis into the batch axis (`batch` rule), so per-sample losses work too.
 What is NOT supported: reverse mode *through* the JVP (grad of a jvp at non-stop-gradient'ed inputs,
 i.e. second order); the jvp rule's kernel has no transpose. The sCM/MeanFlow losses never need it.
@@ -26,6 +28,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import hijax
 
 from pallas_kernels import kernels, reference
@@ -33,7 +36,7 @@ from pallas_kernels.kernels import BlockSizes, KernelConfig
 from pallas_kernels.mask import Mask, tile_schedule
 
 SUPPORTED_HEAD_DIMS = (64, 128)
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float32)  # the two checked on the H100 (float16 never was)
 IMPLEMENTATIONS = ("pallas", "xla")
 
 
@@ -81,8 +84,7 @@ class _FlashAttention(hijax.HiPrim):
     self.params = dict(plan=plan)
     super().__init__()
 
-  def _padded(self, *xs):
-    q, k, v = xs[:3]
+  def _padded(self, q, k, v):
     p = self.plan
     return _pad(q, p.lq_pad), _pad(k, p.lk_pad), _pad(v, p.lk_pad)
 
@@ -161,7 +163,7 @@ def _validate(q, k, v, mask, sm_scale, implementation):
       raise ValueError(f"flash_attention: mask must be a pallas_kernels.Mask (static), got {type(mask)}.")
     if mask.shape != (q.shape[1], k.shape[1]):
       raise ValueError(f"flash_attention: mask shape {mask.shape} != (Lq, Lk) = {(q.shape[1], k.shape[1])}.")
-  if sm_scale is not None and not isinstance(sm_scale, (int, float)):
+  if sm_scale is not None and not isinstance(sm_scale, (int, float, np.floating)):
     raise ValueError(f"flash_attention: sm_scale must be a Python float (static), got {type(sm_scale)}.")
   if implementation == "pallas":
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
@@ -178,7 +180,7 @@ def flash_attention(q, k, v, mask: Mask | None = None, *, sm_scale: float | None
   """Block-sparse masked attention with forward, backward and fused forward+JVP kernels.
 
   q: [B, Lq, H, D]; k, v: [B, Lk, Hkv, D] with Hkv | H (grouped heads); D in SUPPORTED_HEAD_DIMS;
-  bf16 / f16 / f32 (fp32 accumulation and softmax statistics). mask: a static `Mask` of shape
+  bf16 / f32 (fp32 accumulation and softmax statistics). mask: a static `Mask` of shape
   (Lq, Lk) or None (full attention). Fully masked query rows return zeros. sm_scale defaults to
   D ** -0.5. interpret=None uses Pallas interpret mode when the default backend is the CPU.
   implementation: "pallas" (default) or "xla" (`pallas_kernels.reference.attention`, materialises
