@@ -86,7 +86,7 @@ def _element_mask(mask_refs, mode, q0, k0, bq, bk):
   return allowed
 
 
-def _sched_specs(sched: TileSchedule, rowmajor: bool):
+def _schedule_arrays(sched: TileSchedule, rowmajor: bool):
   if rowmajor:
     arrays = (sched.kv_tiles, sched.kv_partial, sched.kv_full)
   else:
@@ -154,7 +154,7 @@ def forward(q, k, v, sched: TileSchedule, cfg: KernelConfig, *, sm_scale: float,
   g = h // hkv
   bq, bk = cfg.block_q, cfg.block_k
   nq = lq // bq
-  sched_arrays = _sched_specs(sched, rowmajor=True)
+  sched_arrays = _schedule_arrays(sched, rowmajor=True)
   mask_arrays = _mask_inputs(sched)
   kernel = functools.partial(_fwd_kernel, scale2=sm_scale * LOG2E, width=sched.wq, mode=sched.mode,
                              bk=bk, n_mask=len(mask_arrays))
@@ -257,7 +257,7 @@ def backward(q, k, v, o, lse, do, sched_dq: TileSchedule, sched_dkdv: TileSchedu
 
   # dq
   bq, bk = cfg_dq.block_q, cfg_dq.block_k
-  sched_arrays = _sched_specs(sched_dq, rowmajor=True)
+  sched_arrays = _schedule_arrays(sched_dq, rowmajor=True)
   mask_arrays = _mask_inputs(sched_dq)
   qspec = pl.BlockSpec((None, bq, None, d), lambda i, bb, hh: (bb, i, hh, 0))
   kvspec = pl.BlockSpec((None, lk, None, d), lambda i, bb, hh: (bb, 0, hh // g, 0))
@@ -274,7 +274,7 @@ def backward(q, k, v, o, lse, do, sched_dq: TileSchedule, sched_dkdv: TileSchedu
 
   # dk, dv (per q head; summed over the group below when Hkv < H)
   bq, bk = cfg_dkdv.block_q, cfg_dkdv.block_k
-  sched_arrays = _sched_specs(sched_dkdv, rowmajor=False)
+  sched_arrays = _schedule_arrays(sched_dkdv, rowmajor=False)
   mask_arrays = _mask_inputs(sched_dkdv)
   qspec = pl.BlockSpec((None, lq, None, d), lambda j, bb, hh: (bb, 0, hh, 0))
   kvspec = pl.BlockSpec((None, bk, None, d), lambda j, bb, hh: (bb, j, hh // g, 0))
@@ -378,7 +378,7 @@ def forward_jvp(q, k, v, tq, tk, tv, sched: TileSchedule, cfg: KernelConfig, *, 
   lk, hkv = k.shape[1], k.shape[2]
   g = h // hkv
   bq, bk = cfg.block_q, cfg.block_k
-  sched_arrays = _sched_specs(sched, rowmajor=True)
+  sched_arrays = _schedule_arrays(sched, rowmajor=True)
   mask_arrays = _mask_inputs(sched)
   qspec = pl.BlockSpec((None, bq, None, d), lambda i, bb, hh: (bb, i, hh, 0))
   kvspec = pl.BlockSpec((None, lk, None, d), lambda i, bb, hh: (bb, 0, hh // g, 0))
