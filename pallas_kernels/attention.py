@@ -166,9 +166,10 @@ def _validate(q, k, v, mask, sm_scale, implementation):
   if sm_scale is not None and not isinstance(sm_scale, (int, float, np.floating)):
     raise ValueError(f"flash_attention: sm_scale must be a Python float (static), got {type(sm_scale)}.")
   if implementation == "pallas":
-    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
+    if q.shape[3] > max(SUPPORTED_HEAD_DIMS):
       raise ValueError(f"flash_attention: head dim D={q.shape[3]} is not supported by the Pallas kernels; "
-                       f"supported: {SUPPORTED_HEAD_DIMS} (or pass implementation='xla').")
+                       f"supported: D <= {max(SUPPORTED_HEAD_DIMS)} (smaller D is zero-padded to one of "
+                       f"{SUPPORTED_HEAD_DIMS}), or pass implementation='xla'.")
     if q.dtype not in SUPPORTED_DTYPES:
       raise ValueError(f"flash_attention: dtype {q.dtype} is not supported; supported: "
                        f"{[jnp.dtype(d).name for d in SUPPORTED_DTYPES]}.")
@@ -196,5 +197,13 @@ def flash_attention(q, k, v, mask: Mask | None = None, *, sm_scale: float | None
   lq, lk = q.shape[1], k.shape[1]
   if mask is None:
     mask = Mask.full(lq, lk)
+  d = q.shape[3]
+  d_pad = min(x for x in SUPPORTED_HEAD_DIMS if x >= d)
+  if d_pad != d:
+    # Zero columns change neither q.k nor the softmax, and give zero output columns (sliced off below);
+    # pad/slice are linear, so grad and jvp pass through them. Costs (d_pad / d)x the matmul work.
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, d_pad - d)))
+    q, k, v = pad(q), pad(k), pad(v)
   plan = _Plan(mask, lq, lk, scale, block_sizes or BlockSizes.default_for(q.dtype), bool(interpret))
-  return _FlashAttention(jax.typeof(q), jax.typeof(k), jax.typeof(v), plan)(q, k, v)
+  o = _FlashAttention(jax.typeof(q), jax.typeof(k), jax.typeof(v), plan)(q, k, v)
+  return o[..., :d]

@@ -41,10 +41,17 @@ def validate(config) -> None:
   for key in ("num_steps", "log_every", "ckpt_every", "keep", "nan_patience", "batch_size"):
     if t[key] < 1:
       raise ConfigError(f"train.{key} must be >= 1, got {t[key]}.")
+  configure_jax(config)
   try:
     make_model(config)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None
+
+
+def configure_jax(config) -> None:
+  """Process-wide JAX flags a config needs: hijax primitives (the Pallas attention) under remat need remat3."""
+  if config.model.attention_impl == "pallas":
+    jax.config.update("jax_remat3", True)
 
 
 def make_world(config):
