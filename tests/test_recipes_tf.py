@@ -382,9 +382,9 @@ def test_euler_knots_records_the_ode_state_at_every_knot():
 
 
 # ----------------------------------------------------------------------------- training lowers the loss
-def _train(recipe, params, batch, steps, lr, metric="loss", step0=0):
+def _train(recipe, params, batch, steps, lr, metric="loss", step0=0, b1=0.9):
   """Adam on a fixed batch and rng; returns the metric before and after (recomputed at the same rng)."""
-  tx = optax.adam(lr)
+  tx = optax.adam(lr, b1=b1)
   frozen = recipe.frozen_params()
   rng = jax.random.key(42)
 
@@ -403,36 +403,41 @@ def _train(recipe, params, batch, steps, lr, metric="loss", step0=0):
   return first, float(last)
 
 
-FAST_TRAIN = [("tf", "loss", 3e-3, {}), ("tf_dcm", "loss", 3e-3, {}),
-              ("tf_scm", "g_norm", 1e-3, dict(scm=dict(warmup_steps=0)))]
-SLOW_TRAIN = [("df", "loss", 3e-3, {}), ("tf_kd", "loss", 3e-3, dict(kd=dict(substeps=2))),
-              ("tf_meanflow", "g_norm", 3e-4, dict(scm=dict(warmup_steps=0), meanflow=dict(p_interval=1.0))),
-              ("scm_trigflow", "g_norm", 1e-3, dict(scm=dict(warmup_steps=0)))]
+# Diffusion / regression losses must fall by 10 % in 8 Adam steps. The continuous-time CM losses have a value
+# near loss_scale by construction (cm.py), so their consistency residual g_norm is watched instead, with the
+# paper's distillation betas (0, 0.999): it falls steadily (about 75 -> 70 for tf_scm in 8 steps, a plateau
+# near 67 after 20 on this random teacher), so 5 % is asked.
+SCM0 = dict(scm=dict(warmup_steps=0))
+FAST_TRAIN = [("tf", "loss", 3e-3, 0.9, 0.9, {}), ("tf_dcm", "loss", 3e-3, 0.9, 0.9, {}),
+              ("tf_scm", "g_norm", 3e-4, 0.0, 0.95, SCM0)]
+SLOW_TRAIN = [("df", "loss", 3e-3, 0.9, 0.9, {}), ("tf_kd", "loss", 3e-3, 0.9, 0.9, dict(kd=dict(substeps=2))),
+              ("tf_meanflow", "g_norm", 3e-4, 0.0, 0.95, dict(SCM0, meanflow=dict(p_interval=1.0))),
+              ("scm_trigflow", "g_norm", 3e-4, 0.0, 0.95, SCM0)]
 
 
-def _check_training(tiny, name, metric, lr, cfg):
+def _check_training(tiny, name, metric, lr, b1, ratio, cfg):
   model, teacher, student = tiny
   recipe = _recipe(name, model, None if name in ("tf", "df") else teacher, **cfg)
-  first, last = _train(recipe, student, _batch(), steps=8, lr=lr, metric=metric)
-  assert last < 0.9 * first, (name, metric, first, last)
+  first, last = _train(recipe, student, _batch(), steps=8, lr=lr, metric=metric, b1=b1)
+  assert last < ratio * first, (name, metric, first, last)
 
 
-@pytest.mark.parametrize("name,metric,lr,cfg", FAST_TRAIN, ids=[c[0] for c in FAST_TRAIN])
-def test_a_few_steps_lower_the_loss(tiny, name, metric, lr, cfg):
-  _check_training(tiny, name, metric, lr, cfg)
+@pytest.mark.parametrize("name,metric,lr,b1,ratio,cfg", FAST_TRAIN, ids=[c[0] for c in FAST_TRAIN])
+def test_a_few_steps_lower_the_loss(tiny, name, metric, lr, b1, ratio, cfg):
+  _check_training(tiny, name, metric, lr, b1, ratio, cfg)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,metric,lr,cfg", SLOW_TRAIN, ids=[c[0] for c in SLOW_TRAIN])
-def test_a_few_steps_lower_the_loss_slow(tiny, name, metric, lr, cfg):
-  _check_training(tiny, name, metric, lr, cfg)
+@pytest.mark.parametrize("name,metric,lr,b1,ratio,cfg", SLOW_TRAIN, ids=[c[0] for c in SLOW_TRAIN])
+def test_a_few_steps_lower_the_loss_slow(tiny, name, metric, lr, b1, ratio, cfg):
+  _check_training(tiny, name, metric, lr, b1, ratio, cfg)
 
 
-@pytest.mark.parametrize("name", ["df", "tf_kd", "tf_meanflow", "scm_trigflow"])
+@pytest.mark.parametrize("name", ["tf_kd", "tf_meanflow", "scm_trigflow"])
 def test_each_remaining_recipe_gives_a_finite_loss_and_gradient(tiny, name):
-  """Fast path of the recipes whose training test is slow: one eager value_and_grad."""
+  """Fast path of the recipes whose training test is slow (df's is its hand-computed loss above)."""
   model, teacher, student = tiny
-  recipe = _recipe(name, model, None if name == "df" else teacher, kd=dict(substeps=1, knots=(1.0, 0.5, 0.0)))
+  recipe = _recipe(name, model, teacher, kd=dict(substeps=1, knots=(1.0, 0.5, 0.0)))
   (loss, metrics), grads = jax.jit(jax.value_and_grad(recipe.loss, has_aux=True))(
       student, recipe.frozen_params(), _batch(), jax.random.key(0), 3)
   assert np.isfinite(float(loss)) and np.isfinite(float(optax.global_norm(grads)))
@@ -511,6 +516,9 @@ def test_causal_sampler_is_causal_and_uses_the_few_step_schedules(tiny):
   out2 = causal_sample.sample(model, student, noise2, b["cond"], b["null"], **kw)
   np.testing.assert_allclose(out2[:, :2], out[:, :2], atol=1e-6)
   assert float(jnp.abs(out2[:, 2:] - out[:, 2:]).max()) > 1e-4
+  noisy = causal_sample.sample(model, student, noise, b["cond"], b["null"], **dict(kw, noisy_context=True))
+  np.testing.assert_allclose(noisy[:, :2], out[:, :2], atol=1e-6)   # the first chunk has no context
+  assert float(jnp.abs(noisy[:, 2:] - out[:, 2:]).max()) > 1e-4     # later chunks see the noisy context
   cfg = _load_config("runlocal")   # the eval jobs' entry point reads the pattern and solver from config
   cfg.eval.update(sampler="causal", solver="consistency", cfg_scale=1.0)
   cfg.causal.update(first_chunk_frames=2, chunk_frames=2)
