@@ -492,6 +492,9 @@ def test_missing_or_mismatched_teacher_names_teacher_from(tiny, tmp_path):
   (stage / "config.json").write_text(ml_collections.ConfigDict(other).to_json())
   with pytest.raises(RecipeConfigError, match="causal.chunk_frames"):
     recipes.get_recipe("tf_scm")(cfg, model)
+  init = _config("tf", init_from=str(stage))   # the same check for a causal init_from
+  with pytest.raises(RecipeConfigError, match="init_from.*causal.chunk_frames"):
+    recipes.get_recipe("tf")(init, model)
 
 
 def test_jvp_attention_guards_name_the_key():

@@ -234,7 +234,8 @@ def check_params_fit(params, model, key: str) -> None:
 
 
 def _check_stage_config(stage_dir: str, config, key: str, kind: str) -> None:
-  """The teacher stage's config.json must agree on the model (and, for a causal teacher, the block pattern)."""
+  """The stage's config.json must agree on the model and, for kind "causal" (or "causal_if_any" when the stage
+  has a pattern: an init_from that is itself causal), on the block pattern."""
   path = os.path.join(stage_dir, "config.json")
   if not os.path.exists(path):
     return
@@ -246,6 +247,8 @@ def _check_stage_config(stage_dir: str, config, key: str, kind: str) -> None:
     if a is not None and b is not None and a != b:
       raise RecipeConfigError(f"{key}={stage_dir} was trained with model.{name}={a!r}, this stage has {b!r}; "
                               "they must match.")
+  if kind == "causal_if_any" and "causal" in other:
+    kind = "causal"
   if kind != "causal":
     return
   if "causal" not in other:
@@ -291,6 +294,8 @@ class CausalRecipe(Recipe):
     frames = config.get("data", {}).get("world", {}).get("frames") if config.get("data") else None
     if frames:
       self.pattern.check(int(frames))
+    if config.get("init_from"):   # a causal init (tf -> tf_scm) must share the block pattern
+      _check_stage_config(config.init_from, config, "init_from", "causal_if_any")
     self.teacher = None
     self._teacher_params = None
     if self.uses_teacher():
