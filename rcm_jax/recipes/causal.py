@@ -9,6 +9,8 @@ Config keys read here (defaults are the paper's, ../shared/reference/causal_rcm.
   teacher.kind        "causal" (a TF/DF stage, clean-context velocity) | "bidirectional" (an rf stage) |
                       "" (the recipe's default)
   teacher.cfg_scale   CFG scale of the teacher's velocity (paper: 3 for TF-CM); teacher.use_ema
+A teacher_from / init_from stage is checked against its config.json before loading: model keys, and the block
+pattern for a causal teacher or a causal init (errors name the differing key).
 Teacher forcing (section 3): the model sees `[clean x0 | noisy x_t]` packed along frames, both halves with the
 same RoPE frame positions, under `masks.teacher_forcing`; per-frame conditions (actions, y) are packed the same.
 Only patch_size[0] == 1 is supported (one latent frame per token frame, as Wan).
@@ -253,7 +255,8 @@ def _check_stage_config(stage_dir: str, config, key: str, kind: str) -> None:
     return
   if "causal" not in other:
     raise RecipeConfigError(f"{key}={stage_dir} has no causal block pattern (not a TF/DF stage?) but "
-                            f"teacher.kind='causal'; set teacher.kind='bidirectional' or point {key} at a causal stage.")
+                            f"teacher.kind='causal'; set teacher.kind='bidirectional' or point {key} at a causal "
+                            "stage.")
   theirs = BlockPattern.from_config(ml_collections.ConfigDict({"causal": other["causal"]}))
   ours = BlockPattern.from_config(config)
   for field in dataclasses.fields(BlockPattern):
