@@ -499,7 +499,7 @@ def test_missing_or_mismatched_teacher_names_teacher_from(tiny, tmp_path):
 
 def test_jvp_attention_guards_name_the_key():
   with pytest.raises(RecipeConfigError, match="model.attention_impl"):
-    _recipe("tf_scm", _model(attention_impl="pallas"), teacher_params={})   # head_dim 24: no flash kernel
+    _recipe("tf_scm", _model(attention_impl="pallas", dim=132, num_heads=1), teacher_params={})   # head_dim 132
   model = _model()
   recipe = _recipe("tf_scm", model, teacher_params={}, scm=dict(max_xla_tokens=16))
   with pytest.raises(RecipeConfigError, match="max_xla_tokens"):

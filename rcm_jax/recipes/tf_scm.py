@@ -27,12 +27,12 @@ def check_jvp_attention(model, num_tokens: int, max_xla_tokens: int, key: str) -
   """Refuse, before any compute, a JVP path whose attention cannot hold the sequence."""
   cfg = model.config
   if cfg.attention_impl == "pallas":
-    from pallas_kernels import SUPPORTED_HEAD_DIMS
-    if cfg.head_dim not in SUPPORTED_HEAD_DIMS:
+    from pallas_kernels import SUPPORTED_HEAD_DIMS   # smaller head dims are zero-padded by the kernel
+    if cfg.head_dim > max(SUPPORTED_HEAD_DIMS):
       raise causal.RecipeConfigError(
-          f"model.attention_impl='pallas' but head_dim = dim // num_heads = {cfg.head_dim} is not supported by the "
-          f"flash kernel ({SUPPORTED_HEAD_DIMS}); change model.size / model.dim / model.num_heads, or use "
-          "model.attention_impl='xla' for short sequences.")
+          f"model.attention_impl='pallas' but head_dim = dim // num_heads = {cfg.head_dim} exceeds what the flash "
+          f"kernel supports (<= {max(SUPPORTED_HEAD_DIMS)}); change model.size / model.dim / model.num_heads, or "
+          "use model.attention_impl='xla' for short sequences.")
   elif cfg.attention_impl == "xla" and num_tokens > max_xla_tokens:
     raise causal.RecipeConfigError(
         f"The JVP of {key} would run XLA attention over {num_tokens} tokens (> {key}.max_xla_tokens = "
