@@ -5,7 +5,7 @@ and the floor (an untrained model of the same config), so a reader sees where a 
 """
 from __future__ import annotations
 
-import json
+import functools
 import os
 
 import jax
@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 
 from rcm_jax import evaluation
 from rcm_jax.data import pipeline as pipeline_lib
+from rcm_jax.errors import UserError
+from rcm_jax.inference import causal_sample
 from rcm_jax.training import checkpoint
 from rcm_jax.training import setup as setup_lib
 from rcm_jax.training.writer import write_metrics, write_video
@@ -34,13 +36,28 @@ def _eval_batch(config, world, data_root: str, num: int):
   return raw, setup_lib.prepare(world, raw)
 
 
-def _sample_all(config, model, params, batch, rng, *, num_steps, cfg_scale, chunk: int, desc: str):
+SAMPLERS = ("bidirectional", "causal")
+
+
+def _sampler(config, job: str):
+  """The sampling function a job's config names: bidirectional Euler, or causal chunk by chunk."""
+  name = config[job].get("sampler", "bidirectional")
+  if name not in SAMPLERS:
+    raise UserError(f"{job}.sampler={name!r}: choose one of {SAMPLERS}.")
+  if name == "causal":
+    return functools.partial(causal_sample.sample_videos, job=job)
+  return setup_lib.sample_videos
+
+
+def _sample_all(config, model, params, batch, rng, *, num_steps, cfg_scale, chunk: int, desc: str,
+                job: str = "eval"):
+  sample_fn = _sampler(config, job)
   n = batch["video"].shape[0]
   out = []
   for i in tqdm(range(0, n, chunk), desc=desc, unit="batch", leave=False, disable=jax.process_index() != 0):
     part = jax.tree.map(lambda x: x[i:i + chunk], batch)
-    out.append(setup_lib.sample_videos(config, model, params, part, jax.random.fold_in(rng, i),
-                                       num=part["video"].shape[0], num_steps=num_steps, cfg_scale=cfg_scale))
+    out.append(sample_fn(config, model, params, part, jax.random.fold_in(rng, i),
+                         num=part["video"].shape[0], num_steps=num_steps, cfg_scale=cfg_scale))
   return np.concatenate(out)
 
 
@@ -53,7 +70,7 @@ def sample(config, workdir: str, *, data_root: str | None = None) -> dict:
   model = setup_lib.make_model(config, world)
   videos = _sample_all(config, model, params, batch, jax.random.key(config.seed + 1),
                        num_steps=config.sample.steps, cfg_scale=config.sample.cfg_scale,
-                       chunk=config.sample.batch_size, desc="sample")
+                       chunk=config.sample.batch_size, desc="sample", job="sample")
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   np.savez_compressed(os.path.join(workdir, "samples", "samples.npz"), videos=videos,
                       **{k: v for k, v in raw.items() if k != "video"})

@@ -43,6 +43,8 @@ def make_update(recipe, tx, config):
   grad_fn = jax.value_and_grad(recipe.loss, has_aux=True)
 
   def update(state: TrainState, frozen, batch, rng):
+    if getattr(recipe, "needs_ema", False) and state.ema is not None:   # TF-dCM with an EMA target
+      frozen = dict(frozen, ema=state.ema)
     if accum == 1:
       (loss, metrics), grads = grad_fn(state.params, frozen, batch, rng, state.step)
     else:
