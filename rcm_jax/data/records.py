@@ -6,7 +6,8 @@ This file owns the on-disk format and its checks:
 
 One example = `np.savez` bytes of a dict of arrays without the batch axis: `video` as uint8 [T, H, W, C]
 (frames are on the 8-bit grid, see worlds.quantize, so this is lossless) and each metadata key as generated.
-`decode_example` turns the video back into float32 in [-1, 1].
+Teacher samples (training/generate.py) are not on that grid: they are stored as float16 or float32
+(`encode_example(..., video_dtype=)`). `decode_example` turns either back into float32 (uint8 -> [-1, 1]).
 
 `ensure_dataset` writes into a temporary directory and renames it into place, so a crashed or concurrent
 writer never leaves a half-written dataset under the final name; an existing dataset is reused only if its
@@ -46,9 +47,18 @@ class DatasetMismatchError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def encode_example(example: Mapping[str, np.ndarray]) -> bytes:
+VIDEO_DTYPES = ("uint8", "float16", "float32")
+
+
+def encode_example(example: Mapping[str, np.ndarray], *, video_dtype: str = "uint8") -> bytes:
+  """uint8 quantizes to the 8-bit grid (lossless for world frames); float16/float32 store the values as cast."""
+  if video_dtype not in VIDEO_DTYPES:
+    raise ValueError(f"video_dtype={video_dtype!r}: choose one of {VIDEO_DTYPES}")
   arrays = {k: np.asarray(v) for k, v in example.items()}
-  arrays["video"] = worlds_lib.quantize(arrays["video"])
+  if video_dtype == "uint8":
+    arrays["video"] = worlds_lib.quantize(arrays["video"])
+  else:
+    arrays["video"] = arrays["video"].astype(video_dtype)
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   return buf.getvalue()
@@ -57,7 +67,10 @@ def encode_example(example: Mapping[str, np.ndarray]) -> bytes:
 def decode_example(data: bytes) -> dict[str, np.ndarray]:
   with np.load(io.BytesIO(data), allow_pickle=False) as z:
     out = {k: z[k] for k in z.files}
-  out["video"] = worlds_lib.dequantize(out["video"])
+  if out["video"].dtype == np.uint8:
+    out["video"] = worlds_lib.dequantize(out["video"])
+  else:
+    out["video"] = out["video"].astype(np.float32)
   return out
 
 
