@@ -47,6 +47,9 @@ def toy_base(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.num_train_videos = 4096             # written once to ArrayRecord shards under <workdir>/data
   c.data.num_eval_videos = 128               # held-out split ("test"): evaluation conditions and the ceiling
   c.data.seed = 0
+  c.data.source = "real"                     # training videos: "real" (the world's train split) | "teacher"
+                                             # (samples of a `generate` stage; the paper trains only on those)
+  c.data.teacher_from = ""                   # source="teacher": a generate stage (name or dir) or a dataset dir
 
   c.model = ml_collections.ConfigDict()
   c.model.size = "small"                     # rcm_jax.models.config.SIZES; the keys below override its fields
@@ -99,6 +102,20 @@ def toy_base(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sample.num_videos = 32
   c.sample.batch_size = 32
 
+  c.generate = ml_collections.ConfigDict()  # teacher samples for the train-split conditions (data.source)
+  c.generate.checkpoint = ""                 # teacher stage dir ("" = the workdir itself)
+  c.generate.use_ema = True
+  c.generate.steps = 16                      # Euler steps of the teacher's sampler
+  c.generate.cfg_scale = 2.0
+  c.generate.shift = 1.0
+  c.generate.sampler = "bidirectional"       # "bidirectional" | "causal" (a causal teacher)
+  c.generate.num_videos = 0                  # 0 = one per train-split video (data.num_train_videos)
+  c.generate.shard_size = 256                # videos per shard: the unit of resumption and of process sharding
+  c.generate.batch_size = 64                 # videos per sampler call
+  c.generate.video_dtype = "float16"         # teacher samples are off the 8-bit grid: "float16" | "float32"
+  c.generate.seed = 0                        # noise of shard s = fold_in(key(seed), s)
+  c.generate.name = ""                       # writes <data root>/<world>_teacher_<name>; "" = the workdir's name
+
   c.eval = ml_collections.ConfigDict()
   c.eval.checkpoint = ""
   c.eval.use_ema = True
@@ -117,4 +134,5 @@ def toy_base(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.sample.steps = 2
     c.eval.steps = (1, 2)
     c.eval.num_videos = c.eval.batch_size = 8
+    c.generate.steps, c.generate.shard_size, c.generate.batch_size = 2, 16, 16
   return c

@@ -1,14 +1,15 @@
 """One CLI for every job: python -m rcm_jax.main <command> --config=configs/...py[:arg] --workdir=DIR.
 
-Commands: train (one stage), sample, eval, recipe (a chain of stages). Override any config key with
---config.<key>=<value>; the resolved config is written to <workdir>/config.json.
+Commands: train (one stage), sample, eval, generate (teacher samples as a dataset), recipe (a chain of
+stages). Override any config key with --config.<key>=<value>; the resolved config is written to
+<workdir>/config.json.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rcm_jax.errors import UserError
 
-COMMANDS = ("train", "sample", "eval", "recipe")
+COMMANDS = ("train", "sample", "eval", "generate", "recipe")
 config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally with :arg.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs, samples and metrics.json go.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -21,22 +22,23 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO; keep the console readable
     logging.set_verbosity(logging.WARNING)
   from rcm_jax.data import records  # noqa: E402  (imports after flag parsing keep --help fast)
-  from rcm_jax.training import jobs, pipeline, trainer
+  from rcm_jax.training import generate, jobs, pipeline, trainer
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   command = argv[1]
   try:
-    _run(command, config, workdir, jobs, pipeline, trainer)
+    _run(command, config, workdir, jobs, pipeline, trainer, generate)
   except (UserError, FileNotFoundError, records.DatasetError, records.DatasetMismatchError) as e:
     raise SystemExit(f"rcm_jax {command}: {e}") from None
 
 
-def _run(command, config, workdir, jobs, pipeline, trainer):
+def _run(command, config, workdir, jobs, pipeline, trainer, generate):
   if command == "recipe":
     if "stages" not in config:
       raise app.UsageError("`recipe` needs a config with `stages` and `stage_order` (e.g. configs/toy/quickstart.py).")
     pipeline.run_recipe(config, workdir)
   else:
-    {"train": trainer.train, "sample": jobs.sample, "eval": jobs.evaluate}[command](config, workdir)
+    {"train": trainer.train, "sample": jobs.sample, "eval": jobs.evaluate,
+     "generate": generate.generate}[command](config, workdir)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,16 @@
 
   python -m rcm_jax.main recipe --config=configs/toy/causal.py --workdir=runs/causal_scm
   python -m rcm_jax.main recipe --config=configs/toy/causal.py:objective=dcm --workdir=runs/causal_dcm
+  python -m rcm_jax.main recipe --config=configs/toy/causal.py:data=teacher --workdir=runs/causal_scm_teacher
   python -m rcm_jax.main recipe --config=configs/toy/causal.py:runlocal --workdir=/tmp/causal_smoke
 Arguments: world=moving_digits|camera_pan, objective=scm|dcm|meanflow|kd (the TF-CM / distillation stage),
 pattern=cA-B (first chunk A latent frames, then chunks of B; the toy worlds have 8 frames: c1-1 frame-wise,
-c2-2 or c2-3 chunk-wise), runlocal (tiny model, a few steps: a smoke test).
+c2-2 or c2-3 chunk-wise), data=real|teacher (what TF and TF-CM train on: the world's videos, or, as in the
+paper, only the teacher's CFG samples for the same conditions), runlocal (tiny model, a few steps: a smoke test).
 Stages (each in <workdir>/<stage>):
   teacher       bidirectional rectified flow (rf)
+  generate      data=teacher only: the teacher's samples (generate.steps Euler steps, CFG generate.cfg_scale)
+                for every train-split condition, in <workdir>/data/<world>_teacher_generate
   tf            TF diffusion, init_from teacher (Causal-rCM section 4; UniformShift(5), bell weight)
   tf_<obj>      TF-sCM / TF-dCM / TF-MeanFlow (init_from tf, causal teacher_from tf) or TF-KD (teacher_from
                 teacher, the bidirectional ODE)
@@ -32,9 +36,12 @@ def _pattern(spec: str):
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, world="moving_digits", objective="scm", pattern="c1-1", runlocal=False)
+  arg = config_lib.parse_arg(arg, world="moving_digits", objective="scm", pattern="c1-1", data="real",
+                             runlocal=False)
   if arg.objective not in OBJECTIVES:
     raise ValueError(f"objective={arg.objective!r}: choose one of {sorted(OBJECTIVES)}.")
+  if arg.data not in ("real", "teacher"):
+    raise ValueError(f"data={arg.data!r}: choose real (the world's videos) or teacher (the teacher's samples).")
   c = config_lib.toy_base(arg)
   first, chunk = _pattern(arg.pattern)
 
@@ -50,7 +57,7 @@ def get_config(arg=None):
   c.meanflow = ml_collections.ConfigDict(dict(velocity="teacher", p_interval=0.25))
   c.kd = ml_collections.ConfigDict(dict(knots=(1600 / 1601, 15 / 16, 5 / 6, 5 / 8, 0.0), substeps=4,
                                         loss_scale=1.0))
-  for job in ("eval", "sample"):             # picked by the eval / sample jobs: bidirectional | causal
+  for job in ("eval", "sample", "generate"):  # picked by the eval / sample / generate jobs: bidirectional | causal
     c[job].sampler = "bidirectional"
     c[job].solver = "euler"                  # causal sampler: "euler" (diffusion) | "consistency" (few-step)
     c[job].noisy_context = False
@@ -70,6 +77,10 @@ def get_config(arg=None):
   if arg.objective == "kd":   # ODE pairs from the bidirectional teacher
     cm_stage.update(teacher_from="teacher", teacher=dict(kind="bidirectional"))
   c.stages[cm_name] = cm_stage
+  if arg.data == "teacher":   # TF and TF-CM read only teacher samples; evaluation stays on the real test split
+    c.stages.generate = dict(command="generate", source="teacher")
+    for name in ("tf", cm_name):
+      c.stages[name].data = dict(source="teacher", teacher_from="generate")
   c.stages.eval_teacher = dict(command="eval", source="teacher")
   c.stages.eval_tf = dict(command="eval", source="tf",
                           eval=dict(label="TF", sampler="causal", solver="euler",
@@ -77,5 +88,6 @@ def get_config(arg=None):
   c.stages.eval_cm = dict(command="eval", source=cm_name,
                           eval=dict(label=cm_name, sampler="causal", solver="consistency", cfg_scale=1.0,
                                     steps=(1, 2, 4), average_velocity=arg.objective == "meanflow"))
-  c.stage_order = ("teacher", "tf", cm_name, "eval_teacher", "eval_tf", "eval_cm")
+  c.stage_order = ("teacher",) + (("generate",) if arg.data == "teacher" else ()) + (
+      "tf", cm_name, "eval_teacher", "eval_tf", "eval_cm")
   return c

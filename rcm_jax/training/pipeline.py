@@ -1,10 +1,11 @@
-"""The recipe runner: a chain of stages, each one a train / sample / eval job in its own sub-workdir.
+"""The recipe runner: a chain of stages, each one a train / sample / eval / generate job in its own sub-workdir.
 
 A recipe config holds the shared sections (world, data, model, diffusion, ...) plus
 `stages.<name>` (the stage's command and the keys it overrides) and `stage_order`. A train stage with
-`init_from: <earlier stage>` starts from that stage's checkpoint; sample and eval stages read
-`source: <stage>`. Finished stages are skipped, unfinished ones resume, so re-running the command
-after an interruption continues where it stopped. All stages share one data directory.
+`init_from: <earlier stage>` starts from that stage's checkpoint; sample, eval and generate stages read
+`source: <stage>`; `data.teacher_from: <generate stage>` trains on that stage's teacher samples. Finished
+stages are skipped, unfinished ones resume, so re-running the command after an interruption continues
+where it stopped. All stages share one data directory.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import os
 import ml_collections
 from absl import logging
 
-from rcm_jax.training import jobs, trainer
+from rcm_jax.training import generate, jobs, trainer
 
-COMMANDS = ("train", "sample", "eval")
+COMMANDS = ("train", "sample", "eval", "generate")
 
 
 def stage_config(config, name: str, workdir: str) -> ml_collections.ConfigDict:
@@ -37,14 +38,19 @@ def stage_config(config, name: str, workdir: str) -> ml_collections.ConfigDict:
         base[key].update(value.to_dict())
       else:
         base[key] = value
-    for ref_key in [k for k in base if k.endswith("_from")]:   # init_from, teacher_from, ...: stage names
-      if isinstance(base[ref_key], str) and base[ref_key]:
-        if base[ref_key] not in config.stages:
-          raise ValueError(f"stages.{name}.{ref_key}={base[ref_key]!r} is not a stage; stages: {sorted(config.stages)}.")
-        base[ref_key] = os.path.join(workdir, base[ref_key])
+    refs = [(base, k, k) for k in base if k.endswith("_from")]   # init_from, teacher_from, ...: stage names
+    refs += [(base[s], k, f"{s}.{k}") for s in base if isinstance(base[s], ml_collections.ConfigDict)
+             for k in base[s] if k.endswith("_from")]              # data.teacher_from
+    for section, key, ref_key in refs:
+      if isinstance(section[key], str) and section[key] and os.sep not in section[key]:   # a path stays a path
+        if section[key] not in config.stages:
+          raise ValueError(f"stages.{name}.{ref_key}={section[key]!r} is not a stage (nor a path); "
+                           f"stages: {sorted(config.stages)}.")
+        section[key] = os.path.join(workdir, section[key])
     if stage.get("source"):
-      for job in ("sample", "eval"):
-        base[job].checkpoint = os.path.join(workdir, stage.source)
+      for job in ("sample", "eval", "generate"):
+        if job in base:
+          base[job].checkpoint = os.path.join(workdir, stage.source)
   return base
 
 
@@ -74,7 +80,7 @@ def run_recipe(config, workdir: str) -> dict:
         results[name] = json.load(f)
       continue
     print(f"== stage {i + 1}/{len(order)}: {name} ({command})", flush=True)
-    fn = {"train": trainer.train, "sample": jobs.sample, "eval": jobs.evaluate}[command]
+    fn = {"train": trainer.train, "sample": jobs.sample, "eval": jobs.evaluate, "generate": generate.generate}[command]
     results[name] = fn(cfg, stage_dir, data_root=data_root)
     if command == "train" and "interrupted_at" in results[name]:
       print(f"Interrupted in stage {name}; run the same command to resume.")

@@ -5,6 +5,9 @@ model is constructed the same way wherever its checkpoint is read.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +26,9 @@ class ConfigError(UserError):
   pass
 
 
+DATA_SOURCES = ("real", "teacher")
+
+
 def validate(config) -> None:
   """Checks that need no compute; each error names the config key and the fix."""
   recipes.get_recipe(config.recipe)
@@ -30,6 +36,12 @@ def validate(config) -> None:
     worlds_lib.get_world(config.world, dict(config.data.world))
   except (ValueError, TypeError) as e:
     raise ConfigError(f"world={config.world!r} / data.world: {e}") from None
+  source = config.data.get("source", "real")
+  if source not in DATA_SOURCES:
+    raise ConfigError(f"data.source={source!r}: choose one of {DATA_SOURCES}.")
+  if source == "teacher" and not config.data.get("teacher_from"):
+    raise ConfigError("data.source='teacher' needs data.teacher_from: the generate stage (in a recipe), its "
+                      "workdir, or the dataset directory it wrote.")
   if config.ema.kind not in ema_lib.EMA_KINDS:
     raise ConfigError(f"ema.kind={config.ema.kind!r}: choose one of {ema_lib.EMA_KINDS}.")
   if config.ema.kind == "power":
@@ -58,9 +70,38 @@ def make_world(config):
   return worlds_lib.get_world(config.world, dict(config.data.world))
 
 
-def ensure_data(config, world, root: str, *, split: str) -> str:
+def ensure_data(config, world, root: str, *, split: str, source: str | None = None) -> str:
+  """The dataset dir of a split: the world's own, or the teacher samples for "train" with data.source="teacher"."""
+  if split == "train" and (source or config.data.get("source", "real")) == "teacher":
+    return teacher_data(config, world)
   n = config.data.num_train_videos if split == "train" else config.data.num_eval_videos
   return records_lib.ensure_dataset(config.world, dict(config.data.world), n, config.data.seed, split, root)
+
+
+def teacher_data(config, world) -> str:
+  """data.teacher_from (a dataset dir, or a finished generate job's workdir) -> the dataset dir, checked."""
+  ref = config.data.get("teacher_from", "")
+  if not ref:
+    raise ConfigError("data.source='teacher' needs data.teacher_from: the generate stage (in a recipe), its "
+                      "workdir, or the dataset directory it wrote.")
+  path = ref
+  if not os.path.exists(os.path.join(ref, records_lib.MANIFEST)):
+    metrics = os.path.join(ref, "metrics.json")
+    if os.path.exists(metrics):
+      with open(metrics) as f:
+        path = json.load(f).get("dataset", "")
+    if not path or not os.path.exists(os.path.join(path, records_lib.MANIFEST)):
+      raise ConfigError(f"data.teacher_from={ref!r}: no finished teacher dataset there (neither its manifest.json "
+                        "nor a generate job's metrics.json); run the generate job first, or point "
+                        "data.teacher_from at its workdir or dataset directory.")
+  manifest = records_lib.read_manifest(path)
+  want = {"world": config.world, "config": worlds_lib.world_config_dict(world)}
+  diff = records_lib._first_difference(manifest, want)
+  if diff:
+    raise records_lib.DatasetMismatchError(
+        f"data.teacher_from={ref!r}: the teacher dataset {path} was generated for another world ({diff}); "
+        "generate one for this config.world / data.world.")
+  return path
 
 
 def prepare(world, batch: dict) -> dict:
