@@ -7,6 +7,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -205,6 +207,22 @@ def test_training_with_data_source_teacher_reads_the_teacher_samples(teacher, ro
   cfg.train.num_steps, cfg.train.sample_at_end, cfg.train.progress = 1, False, False
   result = trainer.train(cfg, str(root / "student"), data_root=str(root / "data"))
   assert result["step"] == 1 and np.isfinite(result["final_loss"])
+
+
+def test_cli_generate_writes_the_dataset_and_reports_bad_input_without_traceback(teacher, root):
+  def cli(*flags):
+    args = [sys.executable, "-m", "rcm_jax.main", "generate", "--config=configs/toy/teacher.py:runlocal",
+            f"--workdir={root / 'cli'}", f"--config.generate.checkpoint={teacher}",
+            f"--config.data.num_train_videos={NUM_VIDEOS}", f"--config.generate.shard_size={SHARD_SIZE}", *flags]
+    return subprocess.run(args, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=300)
+  bad = cli(f"--config.generate.checkpoint={root / 'nowhere'}")
+  assert bad.returncode != 0 and "generate.checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+  ok = cli()
+  assert ok.returncode == 0, ok.stderr
+  metrics = json.loads((root / "cli" / "metrics.json").read_text())
+  assert metrics["complete"] and metrics["num_videos"] == NUM_VIDEOS
+  assert metrics["dataset"] == str(root / "cli" / "data" / "moving_digits_teacher_cli")
 
 
 def test_causal_recipe_data_teacher_inserts_a_generate_stage():

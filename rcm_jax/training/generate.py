@@ -45,7 +45,7 @@ def _stack(examples: list[dict]) -> dict:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def _check(config, num_real: int) -> int:
+def _check(config) -> int:
   """Checks of the generate section that need no compute; returns the number of videos to generate."""
   g = config.generate
   for key in ("steps", "shard_size", "batch_size"):
@@ -58,6 +58,7 @@ def _check(config, num_real: int) -> int:
                     "not on the 8-bit grid, so uint8 would round them).")
   if os.sep in g.name:
     raise UserError(f"generate.name={g.name!r}: a directory name, not a path (the dataset goes under the data root).")
+  num_real = config.data.num_train_videos
   n = g.num_videos or num_real
   if not 1 <= n <= num_real:
     raise UserError(f"generate.num_videos={g.num_videos}: the conditions come from the real train split, which "
@@ -166,13 +167,15 @@ def generate(config, workdir: str, *, data_root: str | None = None, process_inde
   g = config.generate
   p = jax.process_index() if process_index is None else process_index
   num_p = jax.process_count() if process_count is None else process_count
+  num_videos = _check(config)
+  src = g.checkpoint or workdir
+  try:
+    params, step = checkpoint.load_params(src, use_ema=g.use_ema)
+  except FileNotFoundError as e:
+    raise UserError(f"generate.checkpoint={src!r}: {e}") from None
   world = setup_lib.make_world(config)
   data_root = data_root or os.path.join(workdir, "data")
   real = pipeline_lib.source(setup_lib.ensure_data(config, world, data_root, split="train", source="real"))
-  num_videos = _check(config, len(real))
-
-  src = g.checkpoint or workdir
-  params, step = checkpoint.load_params(src, use_ema=g.use_ema)
   logging.info("Generating from %s (step %d).", src, step)
   sample_cfg = ml_collections.ConfigDict(config.to_dict())
   sample_cfg.sample.shift = g.shift   # both samplers read the shift from the sample section
