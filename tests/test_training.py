@@ -212,3 +212,14 @@ def test_quickstart_recipe_runlocal_end_to_end(tmp_path):
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
   assert (tmp_path / "metrics" / "metrics.json").stat().st_mtime == stamp
+
+
+def test_camera_pan_world_model_recipe_runlocal(tmp_path):
+  # the action-conditioned world: actions per frame and the first frame (y) condition the teacher
+  p = _cli("recipe", "--config=configs/toy/quickstart.py:world=camera_pan,runlocal", workdir=str(tmp_path))
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+  assert set(metrics["calibration"]["ceiling"]) == {"camera/psnr", "camera/ssim", "camera/action_accuracy"}
+  cfg = json.loads((tmp_path / "teacher" / "config.json").read_text())
+  assert cfg["world"] == "camera_pan"

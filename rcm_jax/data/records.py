@@ -31,7 +31,7 @@ from rcm_jax.data import worlds as worlds_lib
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access for the shuffled sampler
+WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access for the shuffled sampler
 
 
 class DatasetError(RuntimeError):
@@ -105,11 +105,11 @@ def _request(world, num_videos: int, seed: int, split: str) -> dict[str, Any]:
   }
 
 
-def _first_difference(existing: Mapping[str, Any], requested: Mapping[str, Any], prefix: str = "") -> str | None:
+def first_difference(existing: Mapping[str, Any], requested: Mapping[str, Any], prefix: str = "") -> str | None:
   for key in requested:
     a, b = existing.get(key, "<missing>"), requested[key]
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-      diff = _first_difference(a, b, f"{prefix}{key}.")
+      diff = first_difference(a, b, f"{prefix}{key}.")
       if diff:
         return diff
       extra = sorted(set(a) - set(b))
@@ -144,7 +144,7 @@ def write_dataset(world, num_videos: int, seed: int, split: str, path: str | os.
     for s in range(num_shards):
       name = f"shard-{s:05d}-of-{num_shards:05d}.array_record"
       lo, hi = s * shard_size, min(num_videos, (s + 1) * shard_size)
-      writer = ArrayRecordWriter(os.path.join(tmp, name), _WRITER_OPTIONS)
+      writer = ArrayRecordWriter(os.path.join(tmp, name), WRITER_OPTIONS)
       for c0 in range(lo, hi, chunk):
         batch = world.generate(min(chunk, hi - c0), seed, split, start=c0)
         for i in range(len(batch["video"])):
@@ -187,7 +187,7 @@ def ensure_dataset(world_name: str, world_config: Any, num_videos: int, seed: in
   else:
     os.makedirs(os.fspath(root), exist_ok=True)
     write_dataset(world, num_videos, seed, split, path, shard_size=shard_size, progress=progress)
-  diff = _first_difference(read_manifest(path), _request(world, num_videos, seed, split))
+  diff = first_difference(read_manifest(path), _request(world, num_videos, seed, split))
   if diff:
     raise DatasetMismatchError(
         f"dataset at {path} was written for a different request ({diff}). Use another data root or "

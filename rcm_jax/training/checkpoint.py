@@ -20,7 +20,8 @@ from rcm_jax.errors import UserError
 # Keys a resumed run may change: lengths, cadences and evaluation settings, never what defines the model,
 # the data or the objective.
 RESUMABLE_PREFIXES = ("train.num_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
-                      "train.keep", "train.profile", "train.progress", "eval.", "sample.", "stage_order")
+                      "train.keep", "train.profile", "train.progress", "eval.", "sample.", "generate.",
+                      "stage_order")
 
 
 class WorkdirError(UserError):

@@ -97,7 +97,7 @@ def _claim(path: str, request: dict) -> bool:
   if not os.path.exists(rpath):
     _write_json(rpath, request)
   with open(rpath) as f:
-    diff = records._first_difference(json.load(f), request)
+    diff = records.first_difference(json.load(f), request)
   if diff:
     raise records.DatasetMismatchError(
         f"teacher dataset at {path} was generated for another request ({diff}). Set generate.name to write a "
@@ -122,7 +122,7 @@ def _write_shard(path: str, name: str, raw: dict, videos: np.ndarray, step: int,
 
   tmp = os.path.join(path, f".{name}.tmp-{uuid.uuid4().hex[:8]}")   # dot-named: never taken for a shard
   try:
-    writer = ArrayRecordWriter(tmp, records._WRITER_OPTIONS)
+    writer = ArrayRecordWriter(tmp, records.WRITER_OPTIONS)
     for i in range(videos.shape[0]):
       example = {k: v[i] for k, v in raw.items() if k != "video"}
       example.update(video=videos[i], teacher_step=np.int32(step))
@@ -179,7 +179,7 @@ def generate(config, workdir: str, *, data_root: str | None = None, process_inde
   logging.info("Generating from %s (step %d).", src, step)
   sample_cfg = ml_collections.ConfigDict(config.to_dict())
   sample_cfg.sample.shift = g.shift   # both samplers read the shift from the sample section
-  sample_fn = jobs._sampler(sample_cfg, "generate")
+  sample_fn = jobs.sampler_for(sample_cfg, "generate")
   model = setup_lib.make_model(config, world)
   probe = setup_lib.prepare(world, _stack([real[0]]))
   abstract = jax.eval_shape(model.init, jax.random.key(0), probe["video"],

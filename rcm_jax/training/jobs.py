@@ -39,7 +39,7 @@ def _eval_batch(config, world, data_root: str, num: int):
 SAMPLERS = ("bidirectional", "causal")
 
 
-def _sampler(config, job: str):
+def sampler_for(config, job: str):
   """The sampling function a job's config names: bidirectional Euler, or causal chunk by chunk."""
   name = config[job].get("sampler", "bidirectional")
   if name not in SAMPLERS:
@@ -51,7 +51,7 @@ def _sampler(config, job: str):
 
 def _sample_all(config, model, params, batch, rng, *, num_steps, cfg_scale, chunk: int, desc: str,
                 job: str = "eval"):
-  sample_fn = _sampler(config, job)
+  sample_fn = sampler_for(config, job)
   n = batch["video"].shape[0]
   out = []
   for i in tqdm(range(0, n, chunk), desc=desc, unit="batch", leave=False, disable=jax.process_index() != 0):

@@ -96,7 +96,7 @@ def teacher_data(config, world) -> str:
                         "data.teacher_from at its workdir or dataset directory.")
   manifest = records_lib.read_manifest(path)
   want = {"world": config.world, "config": worlds_lib.world_config_dict(world)}
-  diff = records_lib._first_difference(manifest, want)
+  diff = records_lib.first_difference(manifest, want)
   if diff:
     raise records_lib.DatasetMismatchError(
         f"data.teacher_from={ref!r}: the teacher dataset {path} was generated for another world ({diff}); "
