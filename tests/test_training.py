@@ -223,3 +223,25 @@ def test_camera_pan_world_model_recipe_runlocal(tmp_path):
   assert set(metrics["calibration"]["ceiling"]) == {"camera/psnr", "camera/ssim", "camera/action_accuracy"}
   cfg = json.loads((tmp_path / "teacher" / "config.json").read_text())
   assert cfg["world"] == "camera_pan"
+
+
+def test_divergence_stops_with_a_clear_message_and_finite_checkpoints(tmp_path):
+  from rcm_jax import recipes
+
+  name = "always_nan_for_test"
+  if name not in recipes.RECIPES:
+    @recipes.register(name)
+    class AlwaysNaN(recipes.get_recipe("rf")):
+      def loss(self, params, frozen, batch, rng, step):
+        loss, metrics = super().loss(params, frozen, batch, rng, step)
+        return loss * jnp.nan, dict(metrics, loss=loss * jnp.nan)
+
+  cfg = _config()
+  cfg.recipe = name
+  cfg.train.nan_patience, cfg.train.num_steps, cfg.train.ckpt_every = 3, 10, 1
+  cfg.train.progress = False
+  with pytest.raises(trainer.TrainingDiverged, match="train.nan_patience"):
+    trainer.train(cfg, str(tmp_path))
+  params, step = checkpoint.load_params(str(tmp_path), use_ema=False)
+  assert step <= 3
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

@@ -21,14 +21,15 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from rcm_jax import recipes
+from rcm_jax.errors import UserError
 from rcm_jax.training import checkpoint, ema, optim
 from rcm_jax.training import setup as setup_lib
 from rcm_jax.training.state import TrainState
 from rcm_jax.training.writer import Writer, write_metrics, write_video
 
 
-class TrainingDiverged(RuntimeError):
-  pass
+class TrainingDiverged(UserError):
+  """Too many non-finite updates in a row; the message says what to change."""
 
 
 def _split_micro(batch, accum: int):
@@ -125,7 +126,7 @@ def train(config, workdir: str, *, data_root: str | None = None) -> dict[str, An
   init_rng, train_rng, sample_rng = jax.random.split(root_rng, 3)
   if config.get("init_from"):
     params, from_step = checkpoint.load_params(config.init_from, use_ema=config.init_from_ema)
-    logging.info("Initialised from %s (step %d).", config.init_from, from_step)
+    print(f"Initialised from {config.init_from} (step {from_step}).", flush=True)
     setup_lib.check_params_match(params, jax.eval_shape(recipe.init_params, init_rng, probe), config.init_from)
   else:
     params = recipe.init_params(init_rng, probe)
@@ -162,6 +163,7 @@ def train(config, workdir: str, *, data_root: str | None = None) -> dict[str, An
       last = metrics
       if int(state.nan_streak) >= config.train.nan_patience:
         mngr.wait_until_finished()
+        writer.close()
         raise TrainingDiverged(
             f"{int(state.nan_streak)} updates in a row had a non-finite loss or gradient (step {step}); the "
             f"last good checkpoint in {workdir}/ckpt is intact. Lower optim.lr, use model.dtype=float32, "
