@@ -156,6 +156,28 @@ class WanAttention(nn.Module):
     q, k, v = self.project_qkv(x, cos, sin)
     return self.attend(q, k, v, mask, tag="attention_out")
 
+  def cached_self_attention(self, x, cos, sin, mask: Mask | None, cache_k, cache_v, cache_cos=None,
+                            cache_sin=None, write_at: int | None = None):
+    """Self-attention of a chunk against a KV cache (`rcm_jax.inference.rollout`) plus itself.
+
+    x [B, Lq, D] chunk tokens; cos/sin [Lq, Dh/2] at the chunk's positions; cache_k/cache_v [B, S, H, Dh].
+    Keys in the cache are post-RoPE (cache_cos is None) or pre-RoPE, rotated here at cache_cos/sin [S, Dh/2].
+    mask: [Lq, S + Lq] over keys `[cache | chunk]`. write_at: static token offset where the chunk's k/v are
+    written into the cache (same RoPE convention), or None. Returns (out [B, Lq, D], (new_k, new_v)).
+    """
+    q = apply_rope(self.project_q(x), cos, sin)
+    k_raw, v = self.project_kv(x)
+    k = apply_rope(k_raw, cos, sin)
+    keys_cache = cache_k if cache_cos is None else apply_rope(cache_k, cache_cos, cache_sin)
+    out = self.attend(q, jnp.concatenate([keys_cache.astype(k.dtype), k], axis=1),
+                      jnp.concatenate([cache_v.astype(v.dtype), v], axis=1), mask)
+    if write_at is None:
+      return out, (cache_k, cache_v)
+    stored = k if cache_cos is None else k_raw
+    new_k = jax.lax.dynamic_update_slice(cache_k, stored.astype(cache_k.dtype), (0, write_at, 0, 0))
+    new_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, write_at, 0, 0))
+    return out, (new_k, new_v)
+
   def cross_attention(self, x, context):
     """x [B, L, D] queries, context [B, Lc, D] keys/values, no RoPE, no mask."""
     k, v = self.project_kv(context)
@@ -199,9 +221,13 @@ class WanBlock(nn.Module):
   mask: Mask | None = None
 
   @nn.compact
-  def __call__(self, x, context, timestep_proj, cos, sin):
+  def __call__(self, x, context, timestep_proj, cos, sin, cache=None, cache_rope=None, write_at=None):
     """x: [B, L, D] residual stream (>= fp32), L = F * S tokens frame-major; context: [B, Lc, D] or None;
-    timestep_proj: [B, F, 6, D]; cos/sin: [L, Dh/2]. Returns the new residual stream [B, L, D]."""
+    timestep_proj: [B, F, 6, D]; cos/sin: [L, Dh/2]. Returns the new residual stream [B, L, D].
+
+    With `cache` = (k, v) [B, Sc, H, Dh] (this layer's KV cache; `mask` is then [L, Sc + L]): returns
+    (residual stream, new cache). cache_rope: None (keys cached post-RoPE) or (cos, sin) [Sc, Dh/2] to rotate
+    pre-RoPE cached keys; write_at: static token slot where this chunk's k/v are written, or None."""
     cfg = self.config
     dt = cfg.compute_dtype
     b, length, d = x.shape
@@ -222,7 +248,13 @@ class WanBlock(nn.Module):
 
     # 1. self-attention
     h = modulate(layer_norm(cfg.eps, False, "norm1")(x), shift_msa, scale_msa)
-    x = x + gated(WanAttention(cfg, name="attn1").self_attention(h, cos, sin, self.mask), gate_msa)
+    attn1 = WanAttention(cfg, name="attn1")
+    if cache is None:
+      x = x + gated(attn1.self_attention(h, cos, sin, self.mask), gate_msa)
+    else:
+      ccos, csin = (None, None) if cache_rope is None else cache_rope
+      o, cache = attn1.cached_self_attention(h, cos, sin, self.mask, *cache, ccos, csin, write_at)
+      x = x + gated(o, gate_msa)
     # 2. cross-attention (no gate, no modulation)
     if context is not None:
       h = layer_norm(cfg.eps, True, "norm2")(x) if cfg.cross_attn_norm else x
@@ -230,4 +262,4 @@ class WanBlock(nn.Module):
     # 3. feed-forward
     h = modulate(layer_norm(cfg.eps, False, "norm3")(x), c_shift_msa, c_scale_msa)
     x = x + gated(FeedForward(cfg, name="ffn")(h), c_gate_msa)
-    return x
+    return x if cache is None else (x, cache)

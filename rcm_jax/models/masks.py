@@ -131,3 +131,28 @@ def chunk_attention_ranges(num_frames: int, tokens_per_frame: int, block: int, *
     raise ValueError(f"block must be in [0, {len(tok)}) for this pattern, got {block}.")
   return [_block_span(tok, lo, hi)
           for lo, hi in visible_blocks(block, local_blocks=local_blocks, sink_blocks=sink_blocks)]
+
+
+def chunk_vs_cache(slot_blocks, block: int, chunk_frames: int, tokens_per_frame: int, *,
+                   local_blocks: int | None = None, sink_blocks: int = 0) -> Mask:
+  """Mask[Lq, S + Lq] of a KV-cache rollout step: block `block`'s chunk (Lq = chunk_frames * tokens_per_frame
+  queries) against keys `[cache (S = len(slot_blocks) * tokens_per_frame) | chunk]`.
+
+  slot_blocks: the block held by each cache frame slot (-1 = empty). A slot is visible iff its block is an
+  earlier block visible from `block` (the module docstring's rule); the chunk sees itself bidirectionally.
+  """
+  _check_window(local_blocks, sink_blocks)
+  _check_int("chunk_frames", chunk_frames, 1)
+  _check_int("tokens_per_frame", tokens_per_frame, 1)
+  ranges = visible_blocks(block, local_blocks=local_blocks, sink_blocks=sink_blocks)
+  visible = [0 <= j < block and any(lo <= j < hi for lo, hi in ranges) for j in slot_blocks]
+  lq, s = chunk_frames * tokens_per_frame, len(slot_blocks) * tokens_per_frame
+  rects, start = [], None
+  for i, vis in enumerate(list(visible) + [False]):   # merge runs of visible slots into rectangles
+    if vis and start is None:
+      start = i
+    elif not vis and start is not None:
+      rects.append((0, lq, start * tokens_per_frame, i * tokens_per_frame))
+      start = None
+  rects.append((0, lq, s, s + lq))
+  return Mask.from_ranges(lq, s + lq, rects)

@@ -49,7 +49,11 @@ def _scan_body(block, x, context, timestep_proj, cos, sin):
   return block(x, context, timestep_proj, cos, sin), None
 
 
-def _check_inputs(cfg: WanConfig, x, t, context, labels, actions, y, mask, frame_positions):
+def _scan_body_cache(block, x, layer_cache, context, timestep_proj, cos, sin, cache_rope, write_at):
+  return block(x, context, timestep_proj, cos, sin, layer_cache, cache_rope, write_at)
+
+
+def _check_inputs(cfg: WanConfig, x, t, context, labels, actions, y, mask, frame_positions, kv_cache=None):
   """Every shape check, before any compute. Returns t as [B, F] and frame_positions as an int[F] array."""
   if x.ndim != 5:
     raise ValueError(f"x must be [B, T, H, W, C], got shape {x.shape}.")
@@ -92,7 +96,16 @@ def _check_inputs(cfg: WanConfig, x, t, context, labels, actions, y, mask, frame
   if frame_positions.shape != (f,):
     raise ValueError(f"frame_positions must be [F] = [{f}], got {frame_positions.shape}.")
   num_tokens = f * hp * wp
-  if mask is not None and mask.shape != (num_tokens, num_tokens):
+  if kv_cache is not None:
+    k = kv_cache["k"]
+    want = (cfg.num_layers, b, k.shape[2], cfg.num_heads, cfg.head_dim)
+    if k.shape != want or kv_cache["v"].shape != want:
+      raise ValueError(f"kv_cache k/v must be [layers, B, S, H, Dh] = {want}, got {k.shape} / "
+                       f"{kv_cache['v'].shape}.")
+    if mask is None or mask.shape != (num_tokens, k.shape[2] + num_tokens):
+      raise ValueError(f"with a kv_cache, mask must be [L, S + L] = {(num_tokens, k.shape[2] + num_tokens)} over "
+                       f"keys [cache | chunk] (masks.chunk_vs_cache), got {None if mask is None else mask.shape}.")
+  elif mask is not None and mask.shape != (num_tokens, num_tokens):
     raise ValueError(f"mask shape {mask.shape} != (L, L) with L = F * H/ph * W/pw = {f} * {hp} * {wp} = "
                      f"{num_tokens}; build it with tokens_per_frame = {hp * wp} and num_frames = {f}.")
   return t, frame_positions
@@ -104,7 +117,7 @@ class WanModel(nn.Module):
 
   @nn.compact
   def __call__(self, x, t, *, context=None, labels=None, actions=None, y=None, mask: Mask | None = None,
-               frame_positions=None):
+               frame_positions=None, kv_cache=None, cache_positions=None, cache_write=None):
     """Velocity [B, T, H, W, out_channels] in fp32 (float64 if x is float64).
 
     x: [B, T, H, W, in_channels] latents, channels-last.
@@ -118,10 +131,15 @@ class WanModel(nn.Module):
     mask: static `pallas_kernels.Mask` [L, L] over the L = F * (H / ph) * (W / pw) tokens (frame-major).
     frame_positions: int[F] RoPE frame index per frame (default arange(F)); teacher forcing passes
        concat(arange(F / 2), arange(F / 2)).
+    kv_cache: KV-cache path (`rcm_jax.inference.rollout`): {"k", "v": [layers, B, S, H, Dh]}; x is then one
+       chunk, its queries attend to keys [cache | chunk] under `mask` [L, S + L], and the call returns
+       (velocity, new kv_cache). cache_positions: int[S / tokens_per_frame] RoPE frame positions of the cache
+       slots when keys are cached pre-RoPE (rotated at attention time), None when cached post-RoPE.
+       cache_write: static token slot where the chunk's k/v (same RoPE convention) are written, or None.
     """
     cfg = self.config
     dt = cfg.compute_dtype
-    t, frame_positions = _check_inputs(cfg, x, t, context, labels, actions, y, mask, frame_positions)
+    t, frame_positions = _check_inputs(cfg, x, t, context, labels, actions, y, mask, frame_positions, kv_cache)
     b, num_t, height, width, _ = x.shape
     pt, ph, pw = cfg.patch_size
     f, hp, wp = num_t // pt, height // ph, width // pw
@@ -167,7 +185,25 @@ class WanModel(nn.Module):
     # --- transformer blocks ---
     use_remat, policy = remat_policy(cfg.remat_policy)
     block_cls = nn.remat(WanBlock, policy=policy, prevent_cse=not cfg.scan_layers) if use_remat else WanBlock
-    if cfg.scan_layers:
+    if kv_cache is not None:
+      cache_rope = None if cache_positions is None else rope_tables(
+          cache_positions, hp, wp, head_dim=cfg.head_dim, theta=cfg.rope_theta, max_len=cfg.rope_max_seq_len)
+      block_cls = WanBlock   # write_at is a static slot
+      if cfg.scan_layers:
+        blocks = block_cls(cfg, mask=mask, name="blocks")
+        h, (new_k, new_v) = nn.scan(
+            _scan_body_cache, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0,) + (nn.broadcast,) * 6, length=cfg.num_layers)(
+                blocks, h, (kv_cache["k"], kv_cache["v"]), ctx, timestep_proj, cos, sin, cache_rope, cache_write)
+      else:
+        ks, vs = [], []
+        for i in range(cfg.num_layers):
+          h, (k_i, v_i) = block_cls(cfg, mask=mask, name=f"blocks_{i}")(
+              h, ctx, timestep_proj, cos, sin, (kv_cache["k"][i], kv_cache["v"][i]), cache_rope, cache_write)
+          ks.append(k_i)
+          vs.append(v_i)
+        new_k, new_v = jnp.stack(ks), jnp.stack(vs)
+    elif cfg.scan_layers:
       blocks = block_cls(cfg, mask=mask, name="blocks")
       h, _ = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast,) * 4, length=cfg.num_layers)(blocks, h, ctx, timestep_proj, cos, sin)
@@ -185,6 +221,8 @@ class WanModel(nn.Module):
     h = dense(cfg.out_channels * math.prod(cfg.patch_size), "proj_out", kernel_init=nn.initializers.zeros)(h)
     h = h.reshape(b, f, hp, wp, pt, ph, pw, cfg.out_channels)
     h = h.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, num_t, height, width, cfg.out_channels)
+    if kv_cache is not None:
+      return at_least_f32(h), {"k": new_k, "v": new_v}
     return at_least_f32(h)
 
 

@@ -1,0 +1,95 @@
+"""KV-cache rollout (rcm_jax/inference/rollout.py) against the uncached causal sampler, block by block."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rcm_jax.inference import causal_sample, rollout
+from rcm_jax.models import masks
+from rcm_jax.models.config import get_config
+from rcm_jax.models.wan import WanModel, init_params, loop_to_scan_params
+from rcm_jax.recipes.causal import BlockPattern
+
+CFG = get_config("tiny", num_classes=3, num_actions=3)
+B, H, W, C = 1, 4, 4, 4   # 2x2 patches -> 4 tokens per frame
+
+
+def _params(cfg=CFG, seed=0):
+  p = init_params(cfg, jax.random.key(seed))
+  leaves, tree = jax.tree.flatten(p)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return {"params": jax.tree.unflatten(tree, [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])}
+
+
+def _inputs(nf, seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  noise = jax.random.normal(k1, (B, nf, H, W, C))
+  cond = {"labels": jnp.ones((B, 1), jnp.int32), "actions": jax.random.randint(k2, (B, nf), 0, 3)}
+  null = {"labels": jnp.full((B, 1), 3, jnp.int32), "actions": jnp.full((B, nf), 3, jnp.int32)}
+  return noise, cond, null
+
+
+def _compare(pattern, nf, *, noisy_context, cache_keys, num_steps=2, solver="consistency", cfg_scale=1.0,
+             cfg=CFG, params=None, cache_frames=0):
+  model = WanModel(cfg)
+  params = params or _params(cfg)
+  noise, cond, null = _inputs(nf)
+  rng = jax.random.key(7)
+  ref = causal_sample.sample(model, params, noise, cond, null, pattern=pattern, num_steps=num_steps,
+                             cfg_scale=cfg_scale, solver=solver, noisy_context=noisy_context, rng=rng)
+  plan = rollout.make_plan(pattern, nf, cache_frames)
+  out = rollout._rollout_jit(model, params, noise, cond, null, rng, plan=plan,
+                             schedules=rollout.schedules_for(plan, solver, num_steps), solver=solver,
+                             cfg_scale=cfg_scale, noisy_context=noisy_context, cache_keys=cache_keys)
+  for f0, f1 in plan.blocks:   # block by block
+    np.testing.assert_allclose(out[:, f0:f1], ref[:, f0:f1], atol=2e-5, rtol=1e-5, err_msg=f"frames {f0}:{f1}")
+  return plan
+
+
+@pytest.mark.parametrize("noisy_context", [False, True])
+@pytest.mark.parametrize("cache_keys", ["post_rope", "pre_rope"])
+def test_cached_equals_uncached_framewise(noisy_context, cache_keys):
+  _compare(BlockPattern(1, 1), 4, noisy_context=noisy_context, cache_keys=cache_keys)
+
+
+@pytest.mark.parametrize("cache_keys", ["post_rope", "pre_rope"])
+def test_cached_equals_uncached_chunkwise_euler_cfg(cache_keys):
+  _compare(BlockPattern(1, 2), 5, noisy_context=False, cache_keys=cache_keys, solver="euler", num_steps=2,
+           cfg_scale=2.0)
+
+
+@pytest.mark.parametrize("cache_keys", ["post_rope", "pre_rope"])
+def test_rolling_window_with_sinks_reuses_slots(cache_keys):
+  pattern = BlockPattern(1, 1, local_blocks=2, sink_blocks=1)
+  plan = _compare(pattern, 6, noisy_context=True, cache_keys=cache_keys, num_steps=1)
+  assert plan.cache_frames == 2 < 6   # sink + one window block, slots reused
+
+
+def test_scan_layers_cache_path():
+  cfg = CFG.replace(scan_layers=True)
+  params = {"params": loop_to_scan_params(_params()["params"], CFG.num_layers)}
+  _compare(BlockPattern(1, 1), 3, noisy_context=False, cache_keys="post_rope", cfg=cfg, params=params)
+
+
+def test_plan_and_mask():
+  plan = rollout.make_plan(BlockPattern(1, 2), 5)
+  assert plan.blocks == ((0, 1), (1, 3), (3, 5)) and plan.writes == (0, 1, None) and plan.cache_frames == 3
+  m = plan.mask(2, 4).to_dense()
+  assert m.shape == (8, 12 + 8) and m[:, :12].all() and m[:, 12:].all()
+  m0 = plan.mask(0, 4).to_dense()
+  assert not m0[:, :12].any()
+
+
+def test_bad_inputs_name_the_key():
+  with pytest.raises(ValueError, match="rollout.cache_frames"):
+    rollout.make_plan(BlockPattern(1, 1), 6, cache_frames=3)
+  with pytest.raises(ValueError, match="causal.local_blocks"):
+    rollout.make_plan(BlockPattern(1, 1), 6, cache_frames=3)
+  rollout.make_plan(BlockPattern(1, 1, local_blocks=2, sink_blocks=1), 6, cache_frames=3)   # window: fits
+  with pytest.raises(ValueError, match=r"dmd.schedule"):
+    rollout.check_schedule((1.0, 0.5, 0.5, 0.0), "dmd.schedule")
+  with pytest.raises(ValueError, match=r"rollout.schedules\[1\]"):
+    plan = rollout.make_plan(BlockPattern(1, 1), 2)
+    rollout.check_rollout_args(plan, ((1.0, 0.0), (0.2, 0.5, 0.0)), "consistency", False, "post_rope")
+  with pytest.raises(ValueError, match="rollout.cache_keys"):
+    rollout.check_rollout_args(plan, ((1.0, 0.0),) * 2, "consistency", False, "fp8")
