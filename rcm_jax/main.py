@@ -21,6 +21,11 @@ def main(argv):
                          f"got {argv[1:]}.")
   if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO; keep the console readable
     logging.set_verbosity(logging.WARNING)
+  from rcm_jax.parallel import distributed
+  try:   # multi-host when COORDINATOR_ADDRESS / NUM_PROCESSES / PROCESS_ID or SLURM say so
+    distributed.maybe_initialize()
+  except UserError as e:
+    raise SystemExit(f"rcm_jax {argv[1]}: {e}") from None
   from rcm_jax.data import records  # noqa: E402  (imports after flag parsing keep --help fast)
   from rcm_jax.training import generate, jobs, pipeline, trainer
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir

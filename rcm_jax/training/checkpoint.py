@@ -21,7 +21,7 @@ from rcm_jax.errors import UserError
 # the data or the objective.
 RESUMABLE_PREFIXES = ("train.num_steps", "train.log_every", "train.ckpt_every", "train.sample_every",
                       "train.keep", "train.profile", "train.progress", "eval.", "sample.", "generate.",
-                      "stage_order")
+                      "stage_order", "mesh.", "sharding_rules.")   # checkpoints restore onto any mesh
 
 
 class WorkdirError(UserError):
@@ -77,13 +77,22 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = Fa
 
 
 def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None):
-  """Restore into the structure of `target` (a state built by init); returns (state, step) or (target, None)."""
+  """Restore into the structure of `target` (a state built by init); returns (state, step) or (target, None).
+
+  Arrays come back with the shardings of `target`'s arrays, whatever mesh the checkpoint was saved under.
+  """
   step = mngr.latest_step() if step is None else step
   if step is None:
     return target, None
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, serialization.to_state_dict(target))
+  abstract = jax.tree.map(_abstract, serialization.to_state_dict(target))
   restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   return serialization.from_state_dict(target, restored), step
+
+
+def _abstract(x):
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  return ocp.utils.to_shape_dtype_struct(x)
 
 
 def load_params(stage_dir: str, *, use_ema: bool = True):

@@ -17,6 +17,7 @@ from rcm_jax.data import records as records_lib
 from rcm_jax.data import worlds as worlds_lib
 from rcm_jax.errors import UserError
 from rcm_jax import models as models_lib
+from rcm_jax import parallel
 from rcm_jax import recipes
 from rcm_jax.inference import bidirectional
 from rcm_jax.training import ema as ema_lib
@@ -55,9 +56,17 @@ def validate(config) -> None:
       raise ConfigError(f"train.{key} must be >= 1, got {t[key]}.")
   configure_jax(config)
   try:
-    make_model(config)
+    model = make_model(config)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None
+  parallel.check_config(config, num_tokens=num_tokens(config, model))
+
+
+def num_tokens(config, model) -> int:
+  """Tokens of one training video through the model's patchify: F/pt * H/ph * W/pw."""
+  t, h, w = make_world(config).generate(1, 0, "train")["video"].shape[1:4]
+  pt, ph, pw = model.config.patch_size
+  return (t // pt) * (h // ph) * (w // pw)
 
 
 def configure_jax(config) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from rcm_jax import recipes
+from rcm_jax import parallel, recipes
 from rcm_jax.errors import UserError
 from rcm_jax.training import checkpoint, ema, optim
 from rcm_jax.training import setup as setup_lib
@@ -130,7 +130,8 @@ def train(config, workdir: str, *, data_root: str | None = None) -> dict[str, An
     setup_lib.check_params_match(params, jax.eval_shape(recipe.init_params, init_rng, probe), config.init_from)
   else:
     params = recipe.init_params(init_rng, probe)
-  state = TrainState.create(params, tx, use_ema=config.ema.kind != "none")
+  plan = parallel.plan_from_config(config)   # mesh + sharding rules; one device: everything in place
+  state = parallel.place(plan, TrainState.create(params, tx, use_ema=config.ema.kind != "none"))
   mngr = checkpoint.manager(os.path.join(workdir, "ckpt"), keep=config.train.keep,
                             save_every=config.train.ckpt_every)
   state, restored = checkpoint.restore(mngr, state)
@@ -141,8 +142,8 @@ def train(config, workdir: str, *, data_root: str | None = None) -> dict[str, An
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
 
   # ---------------------------------------------------------------- the update
-  update = jax.jit(make_update(recipe, tx, config), donate_argnums=(0,))
-  frozen = recipe.frozen_params()
+  update = parallel.jit_update(plan, make_update(recipe, tx, config), state)
+  frozen = parallel.place(plan, recipe.frozen_params())
   batches = setup_lib.batches(config, world, train_path, start_step=start)
   profile = setup_lib.profile_window(config.train.get("profile", ""))
 
@@ -155,7 +156,7 @@ def train(config, workdir: str, *, data_root: str | None = None) -> dict[str, An
     for step in range(start, num_steps):
       if profile and step == profile[0]:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
-      batch = next(batches)
+      batch = parallel.global_batch(plan, next(batches))
       state, metrics = update(state, frozen, batch, jax.random.fold_in(train_rng, step))
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if profile and step + 1 == profile[1]:

@@ -1,0 +1,58 @@
+"""How the trainer's pieces land on the mesh: the plan (mesh + rules) and the three calls the trainer makes.
+
+  plan = parallel.plan_from_config(config)           # mesh from config.mesh, rules from config.sharding_rules
+  state = parallel.place(plan, state)                 # device_put to the rules' NamedShardings
+  update = parallel.jit_update(plan, fn, state)       # jit with the batch constrained, state out_shardings
+  batch = parallel.global_batch(plan, local_batch)    # this process's rows -> one global array per leaf
+With one device every call is a no-op in effect, so the single-device path computes what it always did.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rcm_jax.parallel import mesh as mesh_lib
+from rcm_jax.parallel import sharding as sharding_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  mesh: Mesh
+  rules: Mapping[str, tuple[str, ...]]
+
+
+def plan_from_config(config, devices=None) -> Plan:
+  """The mesh of `config.mesh` (default: every device on `data`) over `devices` (default: all)."""
+  mesh = mesh_lib.make_mesh(dict(config.get("mesh", mesh_lib.DEFAULT_MESH)), devices)
+  return Plan(mesh, sharding_lib.rules_from_config(config))
+
+
+def shardings(plan: Plan, tree):
+  """NamedShardings of a params-like tree (TrainState, frozen teachers) under the plan's rules."""
+  return sharding_lib.tree_shardings(tree, plan.mesh, plan.rules)
+
+
+def place(plan: Plan, tree):
+  return jax.device_put(tree, shardings(plan, tree))
+
+
+def global_batch(plan: Plan, local_batch):
+  """This process's slice of the global batch (numpy, batch-major) -> global arrays split over (data, fsdp)."""
+  def put(x):
+    x = np.asarray(x)
+    sh = NamedSharding(plan.mesh, sharding_lib.batch_spec(plan.rules, plan.mesh, x.ndim))
+    return jax.make_array_from_process_local_data(sh, x)
+  return jax.tree.map(put, local_batch)
+
+
+def jit_update(plan: Plan, update: Callable, state, *, donate: bool = True):
+  """jit an update(state, frozen, batch, rng) -> (state, metrics) so the state keeps its shardings,
+  the batch is pinned to its split, and the metrics come back replicated."""
+  def fn(state, frozen, batch, rng):
+    return update(state, frozen, sharding_lib.constrain_batch(batch, plan.mesh, plan.rules), rng)
+  return jax.jit(fn, donate_argnums=(0,) if donate else (),
+                 out_shardings=(shardings(plan, state), NamedSharding(plan.mesh, P())))
