@@ -10,7 +10,7 @@ from rcm_jax.models.config import get_config
 from rcm_jax.models.wan import WanModel, init_params, loop_to_scan_params
 from rcm_jax.recipes.causal import BlockPattern
 
-CFG = get_config("tiny", num_classes=3, num_actions=3)
+CFG = get_config("tiny", num_classes=3, num_actions=3, num_layers=1)
 B, H, W, C = 1, 4, 4, 4   # 2x2 patches -> 4 tokens per frame
 
 
@@ -46,25 +46,31 @@ def _compare(pattern, nf, *, noisy_context, cache_keys, num_steps=2, solver="con
   return plan
 
 
-@pytest.mark.parametrize("noisy_context", [False, True])
-@pytest.mark.parametrize("cache_keys", ["post_rope", "pre_rope"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("noisy_context,cache_keys", [
+    (False, "post_rope"), (True, "pre_rope"),
+    pytest.param(True, "post_rope", marks=SLOW), pytest.param(False, "pre_rope", marks=SLOW)])
 def test_cached_equals_uncached_framewise(noisy_context, cache_keys):
   _compare(BlockPattern(1, 1), 4, noisy_context=noisy_context, cache_keys=cache_keys)
 
 
-@pytest.mark.parametrize("cache_keys", ["post_rope", "pre_rope"])
+@pytest.mark.parametrize("cache_keys", ["pre_rope", pytest.param("post_rope", marks=SLOW)])
 def test_cached_equals_uncached_chunkwise_euler_cfg(cache_keys):
   _compare(BlockPattern(1, 2), 5, noisy_context=False, cache_keys=cache_keys, solver="euler", num_steps=2,
            cfg_scale=2.0)
 
 
-@pytest.mark.parametrize("cache_keys", ["post_rope", "pre_rope"])
-def test_rolling_window_with_sinks_reuses_slots(cache_keys):
+@pytest.mark.parametrize("noisy_context,cache_keys", [(True, "post_rope"), pytest.param(False, "pre_rope",
+                                                                                         marks=SLOW)])
+def test_rolling_window_with_sinks_reuses_slots(noisy_context, cache_keys):
   pattern = BlockPattern(1, 1, local_blocks=2, sink_blocks=1)
-  plan = _compare(pattern, 6, noisy_context=True, cache_keys=cache_keys, num_steps=1)
+  plan = _compare(pattern, 6, noisy_context=noisy_context, cache_keys=cache_keys, num_steps=1)
   assert plan.cache_frames == 2 < 6   # sink + one window block, slots reused
 
 
+@SLOW
 def test_scan_layers_cache_path():
   cfg = CFG.replace(scan_layers=True)
   params = {"params": loop_to_scan_params(_params()["params"], CFG.num_layers)}
