@@ -36,7 +36,7 @@ def _eval_batch(config, world, data_root: str, num: int):
   return raw, setup_lib.prepare(world, raw)
 
 
-SAMPLERS = ("bidirectional", "causal")
+SAMPLERS = ("bidirectional", "causal", "rollout")   # rollout: causal with a KV cache (inference/rollout.py)
 
 
 def sampler_for(config, job: str):
@@ -46,6 +46,9 @@ def sampler_for(config, job: str):
     raise UserError(f"{job}.sampler={name!r}: choose one of {SAMPLERS}.")
   if name == "causal":
     return functools.partial(causal_sample.sample_videos, job=job)
+  if name == "rollout":
+    from rcm_jax.inference import rollout
+    return functools.partial(rollout.sample_videos, job=job)
   return setup_lib.sample_videos
 
 

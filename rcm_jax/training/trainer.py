@@ -131,7 +131,9 @@ def train(config, workdir: str, *, data_root: str | None = None) -> dict[str, An
   else:
     params = recipe.init_params(init_rng, probe)
   plan = parallel.plan_from_config(config)   # mesh + sharding rules; one device: everything in place
-  state = parallel.place(plan, TrainState.create(params, tx, use_ema=config.ema.kind != "none"))
+  # Recipes with more networks (SF-DMD's critic) keep their states in TrainState.extra (`init_extra`).
+  extra = recipe.init_extra(init_rng, params) if hasattr(recipe, "init_extra") else None
+  state = parallel.place(plan, TrainState.create(params, tx, use_ema=config.ema.kind != "none", extra=extra))
   mngr = checkpoint.manager(os.path.join(workdir, "ckpt"), keep=config.train.keep,
                             save_every=config.train.ckpt_every)
   state, restored = checkpoint.restore(mngr, state)
@@ -142,7 +144,10 @@ def train(config, workdir: str, *, data_root: str | None = None) -> dict[str, An
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
 
   # ---------------------------------------------------------------- the update
-  update = parallel.jit_update(plan, make_update(recipe, tx, config), state)
+  # A recipe with its own `update(state, frozen, batch, rng)` (SF-DMD: critic + student, NaN guard, EMA) replaces
+  # the generic single-network update.
+  update_fn = recipe.update if hasattr(recipe, "update") else make_update(recipe, tx, config)
+  update = parallel.jit_update(plan, update_fn, state)
   frozen = parallel.place(plan, recipe.frozen_params())
   batches = setup_lib.batches(config, world, train_path, start_step=start)
   profile = setup_lib.profile_window(config.train.get("profile", ""))
