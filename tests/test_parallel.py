@@ -124,7 +124,22 @@ def _run_scenarios(tmp: str) -> dict:
       st, res = two_steps(recipe, s0, frozen, mesh, devices)
       res["max_param_diff"] = compare(ref_leaves, leaves(st))
       out[f"{recipe_name}/{name}"] = res
+
+  # --- the trainer itself: 2 steps under fsdp=8, resumed to 3 under data=2 x fsdp=2 x tensor=2
+  workdir = os.path.join(tmp, "train")
+  run = []
+  for steps, mesh in ((2, dict(fsdp=8)), (3, TF_MESHES["data2_fsdp2_tensor2"])):
+    c = _trainer_config(steps)
+    c.mesh.update(dict(dict(data=1, fsdp=1, context=1, tensor=1), **mesh))
+    run.append(trainer.train(c, workdir, data_root=os.path.join(tmp, "data")))
+  out["trainer"] = {"final_loss": run[-1]["final_loss"], "step": run[-1]["step"]}
   return out
+
+
+def _trainer_config(steps):
+  c = _config()
+  c.train.batch_size, c.train.num_steps, c.train.sample_at_end, c.train.progress = 8, steps, False, False
+  return c
 
 
 @functools.lru_cache(maxsize=1)
@@ -175,6 +190,13 @@ def test_tf_recipes_under_a_mesh_match_one_device(results, recipe, name):
 def test_checkpoint_saved_under_one_mesh_restores_under_another(results, name):
   r = results[f"ckpt/{name}"]
   assert r["step"] == 2 and r["max_diff"] == 0.0 and r["shardings_match"], r
+
+
+def test_trainer_on_a_mesh_resumed_on_another_matches_one_device(results, tmp_path):
+  from rcm_jax.training import trainer
+  one = trainer.train(_trainer_config(3), str(tmp_path / "one"), data_root=str(tmp_path / "data"))
+  assert results["trainer"]["step"] == 3
+  np.testing.assert_allclose(results["trainer"]["final_loss"], one["final_loss"], rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ errors, in-process
