@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -155,7 +156,8 @@ def _results(tmp: str) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-  return _results(str(tmp_path_factory.mktemp("parallel")))
+  tmp = str(tmp_path_factory.mktemp("parallel"))
+  return dict(_results(tmp), tmp=tmp)
 
 
 # ------------------------------------------------------------------------------------------ mesh scenarios
@@ -197,6 +199,13 @@ def test_trainer_on_a_mesh_resumed_on_another_matches_one_device(results, tmp_pa
   one = trainer.train(_trainer_config(3), str(tmp_path / "one"), data_root=str(tmp_path / "data"))
   assert results["trainer"]["step"] == 3
   np.testing.assert_allclose(results["trainer"]["final_loss"], one["final_loss"], rtol=1e-4)
+
+
+def test_params_saved_sharded_over_8_devices_load_on_one(results):
+  from rcm_jax.training import checkpoint   # init_from / teacher_from read checkpoints of any mesh
+  params, step = checkpoint.load_params(os.path.join(results["tmp"], "train"))
+  leaves = jax.tree.leaves(params)
+  assert step == 3 and len(leaves) > 10 and all(np.isfinite(np.asarray(x)).all() for x in leaves)
 
 
 # ------------------------------------------------------------------------------------------ errors, in-process

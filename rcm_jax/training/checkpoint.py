@@ -12,8 +12,10 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rcm_jax.errors import UserError
 
@@ -98,11 +100,16 @@ def _abstract(x):
 def load_params(stage_dir: str, *, use_ema: bool = True):
   """Params (EMA if present and asked for) of the latest checkpoint in a stage directory, as a dict tree."""
   ckpt_dir = os.path.join(stage_dir, "ckpt")
-  mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir))
+  mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_handlers=ocp.StandardCheckpointHandler())
   step = mngr.latest_step()
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: run that stage first (or fix init_from).")
-  tree = mngr.restore(step, args=ocp.args.StandardRestore())
+  # Read every array whole onto all devices, whatever mesh it was saved under; the caller places it.
+  meta = mngr.item_metadata(step)
+  whole = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), P())
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=whole),
+                          getattr(meta, "tree", meta))
+  tree = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   mngr.close()
   params = tree["ema"] if use_ema and tree.get("ema") is not None else tree["params"]
   return params, step
