@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rcm_jax.parallel import mesh as mesh_lib
@@ -28,6 +29,9 @@ class Plan:
 def plan_from_config(config, devices=None) -> Plan:
   """The mesh of `config.mesh` (default: every device on `data`) over `devices` (default: all)."""
   mesh = mesh_lib.make_mesh(dict(config.get("mesh", mesh_lib.DEFAULT_MESH)), devices)
+  if mesh.shape["context"] > 1:
+    logging.warning("config.mesh.context=%d: context parallelism is not implemented yet; the %d devices of "
+                    "that axis repeat the same work.", mesh.shape["context"], mesh.shape["context"])
   return Plan(mesh, sharding_lib.rules_from_config(config))
 
 
