@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from rcm_jax.inference import causal_sample, rollout
-from rcm_jax.models import masks
 from rcm_jax.models.config import get_config
 from rcm_jax.models.wan import WanModel, init_params, loop_to_scan_params
 from rcm_jax.recipes.causal import BlockPattern

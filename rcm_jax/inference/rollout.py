@@ -72,7 +72,7 @@ class CachePlan:
 
 
 def _needed_later(j: int, i: int, local_blocks, sink_blocks) -> bool:
-  """Is block j (< i... or == i - 1) visible from block i (and so from some block >= i)?"""
+  """Is the earlier block j visible from block i? (Then it must stay cached while block i is generated.)"""
   return any(lo <= j < hi for lo, hi in masks.visible_blocks(i, local_blocks=local_blocks,
                                                               sink_blocks=sink_blocks)) and j < i
 
@@ -131,7 +131,7 @@ def init_cache(model, plan: CachePlan, batch: int, tokens_per_frame: int, dtype=
 def check_schedule(times, key: str) -> np.ndarray:
   """float32[n + 1] times of one chunk: strictly decreasing from <= 1 to 0, else an error naming `key`."""
   t = np.asarray(times, np.float64)
-  if t.ndim != 1 or t.size < 2 or not np.all(np.diff(t) < 0) or t[0] > 1.0 or t[-1] != 0.0 or t[-1] < 0:
+  if t.ndim != 1 or t.size < 2 or not np.all(np.diff(t) < 0) or t[0] > 1.0 or t[-1] != 0.0:
     raise RolloutConfigError(f"{key}={tuple(np.ravel(t).tolist())}: a step schedule must be strictly decreasing "
                              "from t0 <= 1 down to 0, with at least one step.")
   return t.astype(np.float32)
