@@ -104,6 +104,27 @@ def _whole(shape):
   return pl.BlockSpec(shape, lambda *_: (0,) * nd)
 
 
+def _online_softmax_tile(kt, q, k_ref, v_ref, m, mask_refs, mode, q0, bq, bk, scale2, masked):
+  """One key tile of the online softmax, shared by the forward and the fused JVP kernels.
+
+  Loads key tile `kt`, forms base-2 logits (element mask on partial tiles only) and returns
+  (k0, k, v, p~ [bq, bk] unnormalised probabilities, alpha [bq] rescale of the running sums, m_new [bq]).
+  """
+  k0 = pl.multiple_of(kt * bk, bk)
+  k = k_ref[pl.ds(k0, bk), :]
+  v = v_ref[pl.ds(k0, bk), :]
+  s = _dot(q, k, trans_b=True) * scale2  # [bq, bk] f32, base-2 logits
+  if masked:
+    allowed = _element_mask(mask_refs, mode, q0, k0, bq, bk)
+    s = jnp.where(allowed, s, MASK_VALUE)
+  m_new = jnp.maximum(m, s.max(axis=1))
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.exp2(s - m_new[:, None])
+  if masked:
+    p = jnp.where(allowed, p, 0.0)
+  return k0, k, v, p, alpha, m_new
+
+
 # ---------------------------------------------------------------------------------------------------
 # Forward: o [B, Lq_pad, H, D] and lse2 [B, H, Lq_pad].
 # ---------------------------------------------------------------------------------------------------
@@ -118,19 +139,8 @@ def _fwd_kernel(tiles_ref, npart_ref, nfull_ref, q_ref, k_ref, v_ref, *rest, sca
 
   def body(j, carry, masked):
     acc, m, l = carry
-    kt = tiles_ref[i * width + j]
-    k0 = pl.multiple_of(kt * bk, bk)
-    k = k_ref[pl.ds(k0, bk), :]
-    v = v_ref[pl.ds(k0, bk), :]
-    s = _dot(q, k, trans_b=True) * scale2  # [bq, bk] f32, base-2 logits
-    if masked:
-      allowed = _element_mask(mask_refs, mode, q0, k0, bq, bk)
-      s = jnp.where(allowed, s, MASK_VALUE)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    if masked:
-      p = jnp.where(allowed, p, 0.0)
+    k0, k, v, p, alpha, m_new = _online_softmax_tile(tiles_ref[i * width + j], q, k_ref, v_ref, m, mask_refs,
+                                                     mode, q0, bq, bk, scale2, masked)
     l = alpha * l + p.sum(axis=1)
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l
@@ -327,19 +337,8 @@ def _jvp_kernel(tiles_ref, npart_ref, nfull_ref, *refs, scale, scale2, width, mo
 
   def body(j, carry, masked):
     acc, gacc, m, l, r = carry
-    kt = tiles_ref[i * width + j]
-    k0 = pl.multiple_of(kt * bk, bk)
-    k = k_ref[pl.ds(k0, bk), :]
-    v = v_ref[pl.ds(k0, bk), :]
-    s = _dot(q, k, trans_b=True) * scale2
-    if masked:
-      allowed = _element_mask(mask_refs, mode, q0, k0, bq, bk)
-      s = jnp.where(allowed, s, MASK_VALUE)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    if masked:
-      p = jnp.where(allowed, p, 0.0)
+    k0, k, v, p, alpha, m_new = _online_softmax_tile(tiles_ref[i * width + j], q, k_ref, v_ref, m, mask_refs,
+                                                     mode, q0, bq, bk, scale2, masked)
     l = alpha * l + p.sum(axis=1)
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     gacc = gacc * alpha[:, None]
