@@ -64,13 +64,18 @@ def _sample_all(config, model, params, batch, rng, *, num_steps, cfg_scale, chun
   return np.concatenate(out)
 
 
-def sample(config, workdir: str, *, data_root: str | None = None) -> dict:
-  """Sample videos for held-out conditions from the stage at config.sample.checkpoint (or workdir)."""
+def _prepare_job(config, workdir: str, data_root: str | None, job: str):
+  """What the sample and eval jobs both need: the world, the model, the source params, held-out conditions."""
   setup_lib.validate(config)
   world = setup_lib.make_world(config)
-  params, src = _source_params(config, workdir, "sample")
-  raw, batch = _eval_batch(config, world, data_root or os.path.join(workdir, "data"), config.sample.num_videos)
-  model = setup_lib.make_model(config, world)
+  params, src = _source_params(config, workdir, job)
+  raw, batch = _eval_batch(config, world, data_root or os.path.join(workdir, "data"), config[job].num_videos)
+  return world, setup_lib.make_model(config, world), params, src, raw, batch
+
+
+def sample(config, workdir: str, *, data_root: str | None = None) -> dict:
+  """Sample videos for held-out conditions from the stage at config.sample.checkpoint (or workdir)."""
+  world, model, params, src, raw, batch = _prepare_job(config, workdir, data_root, "sample")
   videos = _sample_all(config, model, params, batch, jax.random.key(config.seed + 1),
                        num_steps=config.sample.steps, cfg_scale=config.sample.cfg_scale,
                        chunk=config.sample.batch_size, desc="sample", job="sample")
@@ -87,11 +92,7 @@ def sample(config, workdir: str, *, data_root: str | None = None) -> dict:
 
 def evaluate(config, workdir: str, *, data_root: str | None = None) -> dict:
   """Score the stage at config.eval.checkpoint for each of config.eval.steps, with ceiling and floor."""
-  setup_lib.validate(config)
-  world = setup_lib.make_world(config)
-  params, src = _source_params(config, workdir, "eval")
-  raw, batch = _eval_batch(config, world, data_root or os.path.join(workdir, "data"), config.eval.num_videos)
-  model = setup_lib.make_model(config, world)
+  world, model, params, src, raw, batch = _prepare_job(config, workdir, data_root, "eval")
   rng = jax.random.key(config.seed + 2)
   samples_dir = os.path.join(workdir, "samples")
   rows, meta = {}, {k: v for k, v in raw.items()}
