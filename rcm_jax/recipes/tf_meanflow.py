@@ -25,7 +25,7 @@ from rcm_jax.diffusion import flow
 from rcm_jax.inference.causal_sample import mean_flow_apply
 from rcm_jax.recipes import causal, cm
 from rcm_jax.recipes.base import register
-from rcm_jax.recipes.tf_scm import MAX_XLA_TOKENS, check_jvp_attention
+from rcm_jax.recipes.tf_scm import MAX_XLA_TOKENS, check_jvp_attention, jvp_batch
 
 VELOCITIES = ("teacher", "data")
 
@@ -61,10 +61,7 @@ class TeacherForcingMeanFlow(causal.CausalRecipe):
     return jnp.broadcast_to(t, (b, nf)), jnp.broadcast_to(r, (b, nf))
 
   def loss(self, params, frozen, batch, rng, step):
-    x0 = causal.as_f32(batch)                                      # [B, T, H, W, C]
-    b, nf = x0.shape[:2]
-    lay = self.layout(x0)
-    check_jvp_attention(self.model, 2 * nf * lay.tokens_per_frame, self.cfg.max_xla_tokens, "scm")
+    x0, b, nf, lay = jvp_batch(self, batch)                        # x0: [B, T, H, W, C]
     r_t, r_eps = jax.random.split(rng)
     t, r = self.times(r_t, b, nf)                                  # [B, T] each, r <= t
     eps = jax.random.normal(r_eps, x0.shape, jnp.float32)

@@ -42,6 +42,15 @@ def check_jvp_attention(model, num_tokens: int, max_xla_tokens: int, key: str) -
                                    f"{key}.")
 
 
+def jvp_batch(recipe, batch):
+  """Clean latents, sizes and packed layout of a JVP recipe's batch, after the attention check."""
+  x0 = causal.as_f32(batch)                                        # [B, T, H, W, C]
+  b, nf = x0.shape[:2]
+  lay = recipe.layout(x0)
+  check_jvp_attention(recipe.model, 2 * nf * lay.tokens_per_frame, recipe.cfg.max_xla_tokens, "scm")
+  return x0, b, nf, lay
+
+
 def tf_jvp(fn, x0, x_t, t, dx_noisy, dt_noisy):
   """(v_sg, dv) on the noisy half: `fn(x_packed, t_packed) -> [B, 2T, ...]` pushed forward with tangent
   zero on the clean half and (dx_noisy, dt_noisy) on the noisy half."""
@@ -69,10 +78,7 @@ class TeacherForcingSCM(causal.CausalRecipe):
       check_jvp_attention(model, 0, self.cfg.max_xla_tokens, "scm")
 
   def loss(self, params, frozen, batch, rng, step):
-    x0 = causal.as_f32(batch)                                      # [B, T, H, W, C]
-    b, nf = x0.shape[:2]
-    lay = self.layout(x0)
-    check_jvp_attention(self.model, 2 * nf * lay.tokens_per_frame, self.cfg.max_xla_tokens, "scm")
+    x0, b, nf, lay = jvp_batch(self, batch)                        # x0: [B, T, H, W, C]
     r_t, r_eps = jax.random.split(rng)
     t = causal.shared_times(self.sample_t, r_t, b, nf)             # [B, T]
     eps = jax.random.normal(r_eps, x0.shape, jnp.float32)
