@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+bash scripts/setup_ref_env.sh
 export JAX_PLATFORMS=cpu
 set +e
 .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"
