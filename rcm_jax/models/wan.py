@@ -22,6 +22,10 @@ from pallas_kernels.mask import Mask
 from rcm_jax.models.config import REMAT_POLICIES, WanConfig, get_config
 from rcm_jax.models.layers import WanBlock, WanConditionEmbedder, at_least_f32, dense, layer_norm
 from rcm_jax.models.rope import rope_tables
+from rcm_jax.parallel.sharding import constrain
+
+# The residual stream [B, L, D] under a mesh: batch over (data, fsdp), tokens over context (a no-op without one).
+STREAM_AXES = ("batch", "tokens", None)
 
 # Tensors tagged with `checkpoint_name` in the self-attention (see layers.WanAttention).
 ATTENTION_NAMES = ("query", "key", "value", "attention_out")
@@ -46,7 +50,7 @@ def remat_policy(name: str):
 
 
 def _scan_body(block, x, context, timestep_proj, cos, sin):
-  return block(x, context, timestep_proj, cos, sin), None
+  return constrain(block(x, context, timestep_proj, cos, sin), STREAM_AXES), None
 
 
 def _scan_body_cache(block, x, layer_cache, context, timestep_proj, cos, sin, cache_rope, write_at):
@@ -150,7 +154,7 @@ class WanModel(nn.Module):
       x = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
     h = nn.Conv(cfg.dim, kernel_size=cfg.patch_size, strides=cfg.patch_size, padding="VALID", dtype=dt,
                 param_dtype=jnp.float32, name="patch_embedding")(x.astype(dt))
-    h = at_least_f32(h.reshape(b, num_tokens, cfg.dim))                 # residual stream [B, L, D]
+    h = constrain(at_least_f32(h.reshape(b, num_tokens, cfg.dim)), STREAM_AXES)   # residual stream [B, L, D]
 
     # --- time (+ action) embedding, per frame, fp32 ---
     cond = WanConditionEmbedder(cfg, name="condition_embedder")
@@ -209,7 +213,7 @@ class WanModel(nn.Module):
                      in_axes=(nn.broadcast,) * 4, length=cfg.num_layers)(blocks, h, ctx, timestep_proj, cos, sin)
     else:
       for i in range(cfg.num_layers):
-        h = block_cls(cfg, mask=mask, name=f"blocks_{i}")(h, ctx, timestep_proj, cos, sin)
+        h = constrain(block_cls(cfg, mask=mask, name=f"blocks_{i}")(h, ctx, timestep_proj, cos, sin), STREAM_AXES)
 
     # --- output head: LayerNorm, (shift, scale) = scale_shift_table + temb, linear, unpatchify; fp32 ---
     table = self.param("scale_shift_table", lambda k, s: jax.random.normal(k, s) / cfg.dim ** 0.5,

@@ -3,6 +3,8 @@
 Explicit variables win: COORDINATOR_ADDRESS (or JAX_COORDINATOR_ADDRESS) = host:port of process 0,
 NUM_PROCESSES, PROCESS_ID (and optionally LOCAL_DEVICE_IDS, comma-separated). Otherwise a SLURM job with
 more than one task lets JAX read SLURM's own variables. A plain single process initializes nothing.
+CPU processes exchange their collectives through gloo (`jax_cpu_collectives_implementation`), so several
+CPU-only processes (tests/test_multihost.py: two on localhost) train together like GPU hosts.
 """
 from __future__ import annotations
 
@@ -47,5 +49,7 @@ def maybe_initialize(env: Mapping[str, str] | None = None) -> bool:
   args = init_args(os.environ if env is None else env)
   if args is None:
     return False
+  if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**args)
   return True

@@ -3,8 +3,8 @@
 Axes, outermost first (the order matters on real hardware: inner axes get the fastest links):
   data     pure data parallelism: params replicated, batch split
   fsdp     data parallelism with params, EMA and optimizer state split too (ZeRO-3 / FSDP)
-  context  sequence (context) parallelism for long videos; the attention exchange is not implemented yet, so
-           a context axis > 1 only replicates the work over it
+  context  sequence (context) parallelism for long videos: activations split along the tokens, Ulysses
+           all-to-all (sequence <-> heads) around attention (rcm_jax.models.attention)
   tensor   tensor (model) parallelism over heads and the MLP hidden dim
 `config.mesh` gives one size per axis; -1 (at most one axis) means "all devices left". Every check raises
 `MeshError` naming the config key and the numbers, so a bad mesh fails before any compilation.

@@ -5,10 +5,18 @@
   update = parallel.jit_update(plan, fn, state)       # jit with the batch constrained, state out_shardings
   batch = parallel.global_batch(plan, local_batch)    # this process's rows -> one global array per leaf
 With one device every call is a no-op in effect, so the single-device path computes what it always did.
+
+`jit_update` traces and runs the step under `activate(plan)`: the mesh as JAX's ambient mesh and the plan's
+rules as the activation rules, so the model's attention sees the `context` axis (Ulysses context parallelism,
+`rcm_jax.models.attention`) and its residual stream is pinned to ("batch", "tokens") shardings. Any other
+jitted model call (a rollout on a sequence-sharded KV cache, a benchmark) does the same with
+`with parallel.activate(plan): ...`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from typing import Callable, Mapping
 
 import jax
@@ -29,10 +37,19 @@ class Plan:
 def plan_from_config(config, devices=None) -> Plan:
   """The mesh of `config.mesh` (default: every device on `data`) over `devices` (default: all)."""
   mesh = mesh_lib.make_mesh(dict(config.get("mesh", mesh_lib.DEFAULT_MESH)), devices)
-  if mesh.shape["context"] > 1:
-    logging.warning("config.mesh.context=%d: context parallelism is not implemented yet; the %d devices of "
-                    "that axis repeat the same work.", mesh.shape["context"], mesh.shape["context"])
-  return Plan(mesh, sharding_lib.rules_from_config(config))
+  rules = sharding_lib.rules_from_config(config)
+  if mesh.shape["context"] > 1 and "context" not in rules.get("tokens", ()):
+    logging.warning("config.mesh.context=%d but config.sharding_rules.tokens=%r does not name 'context': "
+                    "activations outside attention stay whole over that axis.", mesh.shape["context"],
+                    ",".join(rules.get("tokens", ())))
+  return Plan(mesh, rules)
+
+
+@contextlib.contextmanager
+def activate(plan: Plan):
+  """Trace and run under the plan: JAX's ambient mesh (attention's context axis) and the activation rules."""
+  with jax.set_mesh(plan.mesh), sharding_lib.use_rules(plan.rules):
+    yield
 
 
 def shardings(plan: Plan, tree):
@@ -58,5 +75,32 @@ def jit_update(plan: Plan, update: Callable, state, *, donate: bool = True):
   the batch is pinned to its split, and the metrics come back replicated."""
   def fn(state, frozen, batch, rng):
     return update(state, frozen, sharding_lib.constrain_batch(batch, plan.mesh, plan.rules), rng)
-  return jax.jit(fn, donate_argnums=(0,) if donate else (),
-                 out_shardings=(shardings(plan, state), NamedSharding(plan.mesh, P())))
+  jitted = jax.jit(fn, donate_argnums=(0,) if donate else (),
+                   out_shardings=(shardings(plan, state), NamedSharding(plan.mesh, P())))
+  return _Activated(plan, jitted)
+
+
+class _Activated:
+  """A jitted function called (and lowered) under `activate(plan)`; `.jitted` is the bare jit."""
+
+  def __init__(self, plan: Plan, jitted):
+    self.plan, self.jitted = plan, jitted
+    functools.update_wrapper(self, jitted)
+
+  def __call__(self, *args, **kwargs):
+    with activate(self.plan):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with activate(self.plan):
+      return self.jitted.lower(*args, **kwargs)
+
+
+def jit_activated(plan: Plan, fn: Callable, **jit_kwargs):
+  """jax.jit(fn, **jit_kwargs), traced and run under `activate(plan)`."""
+  return _Activated(plan, jax.jit(fn, **jit_kwargs))
+
+
+def kv_cache_shardings(plan: Plan, cache):
+  """NamedShardings of a rollout KV cache {"k", "v": [layers, B, S, H, Dh]}: S over `context` (rule `tokens`)."""
+  return sharding_lib.kv_cache_shardings(cache, plan.mesh, plan.rules)

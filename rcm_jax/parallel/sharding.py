@@ -9,9 +9,17 @@ carry the param paths), a critic under `TrainState.extra` and frozen teachers.
 A dimension is split only when its size is divisible by the mesh axes it maps to, and a mesh axis is used
 at most once per array; otherwise that dimension is replicated. So any params tree gets a valid spec on any
 mesh, and small tensors (biases of odd sizes, scalars) simply stay whole.
+
+Activations: inside a step traced under a mesh (`jax.set_mesh`) and a rules table (`use_rules`, both set by
+`rcm_jax.parallel.plan.activate`), `constrain(x, names)` pins an activation to its logical axes (the DiT's
+residual stream is ("batch", "tokens", None): sequence-sharded over `context`). Outside a mesh it is the
+identity. The KV cache `{"k", "v": [layers, B, S, H, Dh]}` gets ("layers", "batch", "tokens", "heads", "kv")
+(`kv_cache_shardings`): split along the sequence over `context`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Mapping, Sequence
 
@@ -156,3 +164,48 @@ def batch_shardings(batch, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]):
 def constrain_batch(batch, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]):
   """Inside jit: pin the batch input to its (data, fsdp) split so GSPMD propagates from it."""
   return jax.lax.with_sharding_constraint(batch, batch_shardings(batch, mesh, rules))
+
+
+# ------------------------------------------------------------------------------------------ activations
+_RULES: contextvars.ContextVar = contextvars.ContextVar("rcm_jax_sharding_rules", default=None)
+
+
+def current_rules() -> dict[str, tuple[str, ...]]:
+  """The rules table of the step being traced (`use_rules`), else the defaults."""
+  rules = _RULES.get()
+  return parse_rules(None) if rules is None else rules
+
+
+@contextlib.contextmanager
+def use_rules(rules: Mapping[str, tuple[str, ...]]):
+  token = _RULES.set(dict(rules))
+  try:
+    yield
+  finally:
+    _RULES.reset(token)
+
+
+def constrain(x, names: Sequence[str | None]):
+  """Pin activation `x` to its logical axes under the ambient mesh (no-op without one, or on one device)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return x
+  spec = logical_spec(names, current_rules(), mesh, x.shape)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+KV_CACHE_AXES = ("layers", "batch", "tokens", "heads", "kv")   # {"k", "v": [layers, B, S, H, Dh]}
+
+
+def kv_cache_specs(cache, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]):
+  """PartitionSpecs of a rollout KV cache {"k", "v": [layers, B, S, H, Dh]}: S over the `tokens` rule (context)."""
+  def spec(x):
+    if x.ndim != len(KV_CACHE_AXES):
+      raise ShardingError(f"a KV cache leaf has shape {tuple(x.shape)}; expected [layers, B, S, H, Dh].")
+    return logical_spec(KV_CACHE_AXES, rules, mesh, x.shape)
+  return jax.tree.map(spec, cache)
+
+
+def kv_cache_shardings(cache, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]):
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), kv_cache_specs(cache, mesh, rules),
+                      is_leaf=lambda s: isinstance(s, P))
