@@ -2,17 +2,20 @@
 
 Commands: train (one stage), sample, eval, generate (teacher samples as a dataset), recipe (a chain of
 stages). Override any config key with --config.<key>=<value>; the resolved config is written to
-<workdir>/config.json.
+<workdir>/config.json. `convert --src DIR --dst DIR` (no config, no workdir) turns a Wan2.1 DiT checkpoint
+(diffusers or original layout) into an orbax checkpoint (rcm_jax.interop.wan).
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rcm_jax.errors import UserError
 
-COMMANDS = ("train", "sample", "eval", "generate", "recipe")
+COMMANDS = ("train", "sample", "eval", "generate", "recipe", "convert")
 config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally with :arg.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs, samples and metrics.json go.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_string("src", None, "convert: a diffusers WanTransformer3DModel folder or an original Wan2.1 checkpoint.")
+flags.DEFINE_string("dst", None, "convert: a new directory for the orbax checkpoint (<dst>/ckpt).")
+flags.DEFINE_bool("scan_layers", False, "convert: stack the blocks for configs with model.scan_layers=True.")
 
 
 def main(argv):
@@ -21,6 +24,9 @@ def main(argv):
                          f"got {argv[1:]}.")
   if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO; keep the console readable
     logging.set_verbosity(logging.WARNING)
+  _check_flags(argv[1])
+  if argv[1] == "convert":
+    return _convert()
   from rcm_jax.parallel import distributed
   try:   # multi-host when COORDINATOR_ADDRESS / NUM_PROCESSES / PROCESS_ID or SLURM say so
     distributed.maybe_initialize()
@@ -34,6 +40,30 @@ def main(argv):
     _run(command, config, workdir, jobs, pipeline, trainer, generate)
   except (UserError, FileNotFoundError, records.DatasetError, records.DatasetMismatchError) as e:
     raise SystemExit(f"rcm_jax {command}: {e}") from None
+
+
+def _check_flags(command):
+  """convert takes --src/--dst only; every other command needs --config and --workdir."""
+  f = flags.FLAGS
+  need, refuse = ("src", "dst"), ("config", "workdir")
+  if command != "convert":
+    need, refuse = refuse, need
+  missing = [n for n in need if f[n].value is None]
+  extra = [n for n in refuse if f[n].value is not None]
+  if missing or extra:
+    raise app.UsageError(f"`{command}` needs {' and '.join('--' + n for n in need)}" +
+                         (f" (missing {', '.join('--' + n for n in missing)})" if missing else "") +
+                         (f" and takes no {', '.join('--' + n for n in extra)}" if extra else "") + ".")
+
+
+def _convert():
+  from rcm_jax.interop import wan
+  try:
+    info = wan.convert(flags.FLAGS.src, flags.FLAGS.dst, scan_layers=flags.FLAGS.scan_layers)
+  except UserError as e:
+    raise SystemExit(f"rcm_jax convert: {e}") from None
+  print(f"Converted {info['layout']} checkpoint {flags.FLAGS.src} ({info['num_params']:,} params) -> "
+        f"{flags.FLAGS.dst}/ckpt; model: {info['model']}")
 
 
 def _run(command, config, workdir, jobs, pipeline, trainer, generate):
