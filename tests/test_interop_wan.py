@@ -17,7 +17,9 @@ import pytest
 from rcm_jax.errors import UserError
 from rcm_jax.interop import umt5, wan
 from rcm_jax.models import WanModel, get_config
+from rcm_jax.models.wan import dummy_inputs
 from rcm_jax.training import checkpoint
+from rcm_jax.training.setup import check_params_match
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,10 +161,16 @@ def test_convert_cli_writes_a_checkpoint_load_params_reads(dit_ref, tmp_path):
   cmd = [sys.executable, "-m", "rcm_jax.main", "convert", f"--src={dit_ref / 't2v' / 'diffusers'}", f"--dst={dst}"]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  params, step = checkpoint.load_params(str(dst))
+  variables, step = checkpoint.load_params(str(dst))
   assert step == 0
   cfg, want = wan.load(str(dit_ref / "t2v" / "diffusers"))
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, want)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), variables["params"], want)
+  # what `init_from` checks: the variables of this config's model, tree and shapes
+  model_cfg = get_config("tiny", **{k: tuple(v) if k == "patch_size" else v for k, v in
+                                    json.loads((dst / "convert.json").read_text())["model"].items()})
+  args, kwargs = dummy_inputs(model_cfg)
+  check_params_match(variables, jax.eval_shape(lambda: WanModel(model_cfg).init(jax.random.key(0), *args,
+                                                                                  **kwargs)), str(dst))
   info = json.loads((dst / "convert.json").read_text())
   assert info["layout"] == "diffusers" and info["model"]["dim"] == 48
   assert info["num_params"] == sum(x.size for x in jax.tree.leaves(want))
@@ -175,7 +183,7 @@ def test_convert_cli_writes_a_checkpoint_load_params_reads(dit_ref, tmp_path):
   # scanned blocks for model.scan_layers=True configs
   wan.convert(str(dit_ref / "t2v" / "original"), str(tmp_path / "scanned"), scan_layers=True)
   scanned, _ = checkpoint.load_params(str(tmp_path / "scanned"))
-  assert scanned["blocks"]["attn1"]["to_q"]["kernel"].shape == (2, 48, 48)
+  assert scanned["params"]["blocks"]["attn1"]["to_q"]["kernel"].shape == (2, 48, 48)
 
 
 def test_convert_flags_are_checked():

@@ -377,6 +377,9 @@ def config_fields(config: WanConfig) -> dict:
 def convert(src: str, dst: str, *, scan_layers: bool = False) -> dict:
   """Convert a checkpoint to an orbax checkpoint at `<dst>/ckpt` (step 0) plus `<dst>/convert.json`.
 
+  `training.checkpoint.load_params(dst)` returns the model variables `{"params": tree}`, like a trained stage's,
+  so `init_from=<dst>` and `checkpoint=<dst>` work for any config whose model matches `convert.json`'s.
+
   `dst` must not exist or be empty: nothing is overwritten. scan_layers=True stacks the blocks for configs
   with model.scan_layers=True. Returns what convert.json holds.
   """
@@ -391,7 +394,8 @@ def convert(src: str, dst: str, *, scan_layers: bool = False) -> dict:
     params = jax.tree.map(np.asarray, loop_to_scan_params(params, config.num_layers))
   os.makedirs(dst, exist_ok=True)
   mngr = checkpoint.manager(os.path.join(dst, "ckpt"), keep=1, save_every=1)
-  checkpoint.save(mngr, 0, {"params": params}, force=True)
+  # As the trainer stores them: state "params" = the model's variables {"params": tree}.
+  checkpoint.save(mngr, 0, {"params": {"params": params}}, force=True)
   mngr.wait_until_finished()
   mngr.close()
   info = {"source": os.path.abspath(src), "layout": layout, "scan_layers": scan_layers,
