@@ -257,3 +257,84 @@ def test_cached_text_embeddings_roundtrip(tmp_path):
   np.save(tmp_path / "long.npy", np.zeros((20, 8), np.float32))
   with pytest.raises(UserError, match="text_len 16"):
     umt5.load_text_embeddings(str(tmp_path / "long.npy"), text_len=16)
+
+
+# ----------------------------------------------------------------------------- T2V pipeline
+
+def _t2v_config(arg=None, **overrides):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("t2v_1p3b", os.path.join(ROOT, "configs", "wan2p1", "t2v_1p3b.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config(arg)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _read_mp4(path):
+  import imageio.v3 as iio
+  return iio.imread(path)
+
+
+def test_t2v_1p3b_config_is_wan2p1_1p3b():
+  """The T2V config's DiT is Wan2.1-1.3B (tests/test_models.py ties count_params("wan_1p3b") to its 1.42B)."""
+  from rcm_jax.interop import t2v
+  from rcm_jax.models import SIZES, count_params
+  model_cfg = t2v.make_model(_t2v_config()).config
+  assert {k: getattr(model_cfg, k) for k in wan.ARCH_FIELDS} == {k: getattr(SIZES["wan_1p3b"], k)
+                                                                 for k in wan.ARCH_FIELDS}
+  assert count_params(model_cfg) == 1_418_996_800
+
+
+def test_t2v_tiny_random_weights_runs(tmp_path):
+  """`sample --config=configs/wan2p1/t2v_1p3b.py:tiny` through jobs.sample: text -> DiT with CFG -> VAE -> mp4."""
+  from rcm_jax.training import jobs
+  result = jobs.sample(_t2v_config("tiny"), str(tmp_path))
+  assert len(result["videos"]) == 2 and result["prompts"] == ["a red ball", "two cats"]
+  frames = [_read_mp4(f) for f in result["videos"]]
+  assert frames[0].shape == (5, 32, 32, 3)
+  latents = np.load(tmp_path / "samples" / "latents.npz")["latents"]
+  assert latents.shape == (2, 2, 4, 4, 4) and np.isfinite(latents).all()
+  assert np.abs(latents[0] - latents[1]).max() > 1e-3   # different prompts and noise, different latents
+  assert json.loads((tmp_path / "metrics.json").read_text())["videos"] == result["videos"]
+
+
+def _vae_folder(path):
+  """A diffusers-format AutoencoderKLWan folder of the tiny random VAE (our writer; A2's inverse key mapping)."""
+  from rcm_jax.interop import wan_vae
+  cfg = wan_vae.TINY
+  path.mkdir()
+  _write_safetensors(path / "diffusion_pytorch_model.safetensors",
+                     wan_vae.to_diffusers_state_dict(wan_vae.init_params(0, cfg)))
+  fields = {k: list(v) if isinstance(v, tuple) else v for k, v in
+            ((k, getattr(cfg, k)) for k in ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales",
+                                            "temperal_downsample", "latents_mean", "latents_std"))}
+  (path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan", **fields}))
+  return str(path)
+
+
+def test_t2v_from_converted_checkpoints(dit_ref, umt5_ref, tmp_path):
+  """The user's path: a converted DiT, a UMT5EncoderModel folder with its tokenizer, a diffusers VAE folder."""
+  from rcm_jax.interop import t2v
+  ckpt = tmp_path / "dit"
+  info = wan.convert(str(dit_ref / "t2v" / "original"), str(ckpt))
+  model = {k: tuple(v) if k == "patch_size" else v for k, v in info["model"].items()}
+  config = _t2v_config(checkpoint=str(ckpt), vae=_vae_folder(tmp_path / "vae"), **{
+      "text.encoder": str(umt5_ref / "umt5"), "text.dtype": "float32", "text.text_len": 16,
+      "model.size": "tiny", "model.dtype": "float32", "sample.steps": 2, "sample.frames": 5, "sample.height": 32,
+      "sample.width": 32, "sample.prompts": ("a cat runs on the grass",), "sample.negative_prompt": "the dog"})
+  for k, v in model.items():
+    config.model[k] = v
+  result = t2v.sample(config, str(tmp_path / "run"))
+  assert _read_mp4(result["videos"][0]).shape == (5, 32, 32, 3)
+  # a model that does not match the checkpoint, and a missing key, are one clean error each
+  config.model.ffn_dim = 96
+  with pytest.raises(UserError, match="config.checkpoint.*ffn"):
+    t2v.sample(config, str(tmp_path / "run2"))
+  with pytest.raises(UserError, match="config.vae"):
+    t2v.sample(_t2v_config(checkpoint=str(ckpt)), str(tmp_path / "run3"))

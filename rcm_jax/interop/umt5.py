@@ -195,13 +195,16 @@ def clean_prompt(text: str) -> str:
 class Tokenizer:
   """umT5's tokenizer from a folder's `tokenizer.json` (what transformers saves), via the `tokenizers` package."""
 
-  def __init__(self, folder: str):
+  def __init__(self, folder: str = "", *, tokenizer=None):
+    """From `folder`/tokenizer.json, or from a `tokenizers.Tokenizer` object (tests, random tiny pipelines)."""
     path = os.path.join(folder, "tokenizer.json")
-    if not os.path.exists(path):
-      raise UserError(f"tokenizer folder {folder} has no tokenizer.json; re-save it with transformers "
-                      "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder)), which writes one.")
-    from tokenizers import Tokenizer as _Tok
-    self._tok = _Tok.from_file(path)
+    if tokenizer is None:
+      if not os.path.exists(path):
+        raise UserError(f"tokenizer folder {folder} has no tokenizer.json; re-save it with transformers "
+                        "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder)), which writes one.")
+      from tokenizers import Tokenizer as _Tok
+      tokenizer = _Tok.from_file(path)
+    self._tok = tokenizer
     self.pad_id = self._tok.token_to_id("<pad>")
     if self.pad_id is None:
       raise UserError(f"{path} has no <pad> token; is this a T5 / umT5 tokenizer?")
@@ -212,6 +215,17 @@ class Tokenizer:
     self._tok.enable_padding(length=max_length, pad_id=self.pad_id, pad_token="<pad>")
     enc = self._tok.encode_batch(list(prompts), add_special_tokens=True)
     return (np.asarray([e.ids for e in enc], np.int32), np.asarray([e.attention_mask for e in enc], np.int32))
+
+
+def tiny_tokenizer() -> Tokenizer:
+  """A character-level T5-style tokenizer (<pad>=0, </s>=1, <unk>=2, 64 ids) for random-weight smoke tests."""
+  from tokenizers import Tokenizer as _Tok, models, pre_tokenizers, processors
+  vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+  vocab += [(ch, -5.0) for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-ABCDEFGHIJKLMNOPQRSTUV"][:60]
+  tok = _Tok(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+  tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+  return Tokenizer(tokenizer=tok)
 
 
 # ----------------------------------------------------------------------------- the text encoder as a whole

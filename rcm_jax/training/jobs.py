@@ -75,6 +75,9 @@ def _prepare_job(config, workdir: str, data_root: str | None, job: str):
 
 def sample(config, workdir: str, *, data_root: str | None = None) -> dict:
   """Sample videos for held-out conditions from the stage at config.sample.checkpoint (or workdir)."""
+  if config.get("pipeline") == "wan_t2v":   # Wan2.1 text-to-video (configs/wan2p1/): its own job
+    from rcm_jax.interop import t2v
+    return t2v.sample(config, workdir)
   world, model, params, src, raw, batch = _prepare_job(config, workdir, data_root, "sample")
   videos = _sample_all(config, model, params, batch, jax.random.key(config.seed + 1),
                        num_steps=config.sample.steps, cfg_scale=config.sample.cfg_scale,
