@@ -694,12 +694,23 @@ def read_state_dict(folder: str) -> dict[str, np.ndarray]:
   return out
 
 
-def params_from_state_dict(state: dict[str, np.ndarray], config: WanVAEConfig, source: str = "state dict"):
-  """A diffusers state dict -> our param tree, checked against the config's shapes (one error per problem)."""
-  expected = {}
+def _expected(config: WanVAEConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+  """diffusers key -> (our param path, our shape), from the config alone (no compute)."""
+  out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]:
     names = tuple(k.key for k in path)
-    expected[_torch_key(names)] = (names, leaf.shape)
+    out[_torch_key(names)] = (names, tuple(leaf.shape))
+  return out
+
+
+def diffusers_shapes(config: WanVAEConfig) -> dict[str, tuple[int, ...]]:
+  """The state dict keys and shapes a diffusers `AutoencoderKLWan` with this config has."""
+  return {k: _torch_shape(names, shape) for k, (names, shape) in _expected(config).items()}
+
+
+def params_from_state_dict(state: dict[str, np.ndarray], config: WanVAEConfig, source: str = "state dict"):
+  """A diffusers state dict -> our param tree, checked against the config's shapes (one error per problem)."""
+  expected = _expected(config)
   missing = sorted(set(expected) - set(state))
   unknown = sorted(set(state) - set(expected))
   if missing or unknown:

@@ -7,6 +7,7 @@ records in OUT/ref.npz, channels-last:
   `normalized`: the mode normalised as Wan's pipelines do, (mode - latents_mean) * (1 / latents_std);
   `latents` [B, F, h, w, z]: random normalised latents, and `decoded`: diffusers' decode of
   latents / (1 / latents_std) + latents_mean (as WanPipeline un-normalises), clamped to [-1, 1] by diffusers.
+And OUT/wan2p1_shapes.json: {key: shape} of the default (real Wan2.1) AutoencoderKLWan, built on the meta device.
 
 usage: python vae_ref.py OUT '{"base_dim": 8, ...}' --seed 0 --video 2,9,16,24 --latent_frames 3
 """
@@ -56,6 +57,11 @@ def main():
 
   def cl(x):  # [B, C, T, H, W] -> [B, T, H, W, C]
     return x.permute(0, 2, 3, 4, 1).contiguous().numpy().astype(np.float32)
+
+  with torch.device("meta"):
+    full = AutoencoderKLWan()
+  with open(os.path.join(args.out, "wan2p1_shapes.json"), "w") as f:
+    json.dump({k: list(v.shape) for k, v in full.state_dict().items()}, f)
 
   np.savez(os.path.join(args.out, "ref.npz"), video=cl(video), mean=cl(dist.mean), logvar=cl(dist.logvar),
            mode=cl(mode), normalized=cl(normalized), latents=cl(latents), decoded=cl(decoded))
