@@ -36,7 +36,7 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict()  # must match the converted checkpoint (its convert.json "model")
   c.model.size = "wan_1p3b"               # rcm_jax.models.config.SIZES; keys below override its fields
   c.model.dtype = "bfloat16"              # compute dtype; params stay fp32
-  c.model.attention_impl = "xla"          # "xla" | "pallas" | "cudnn"
+  c.model.attention_impl = "cudnn"        # unmasked bidirectional attention on GPU; "xla" | "pallas" | "cudnn"
   c.model.scan_layers = False             # True needs `convert --scan_layers`
   c.model.remat_policy = "none"
 
@@ -66,6 +66,7 @@ def get_config(arg=None):
   if arg.tiny:   # random weights, a few latent tokens: seconds on a CPU
     c.model.size = "tiny"
     c.model.dtype = "float32"
+    c.model.attention_impl = "xla"        # runs on a CPU
     c.model.text_dim = 32                 # the tiny umT5's d_model
     c.text.dtype = "float32"
     c.text.text_len = 16
