@@ -2,6 +2,8 @@
 
   python benchmarks/attention.py --check --bench --out /tmp/attn   # what RESULTS.md records
   python benchmarks/attention.py --tune                            # block-size sweep at L=16384, dense
+  python benchmarks/attention.py --backend mosaic --check --bench --modes fwd,fb --out /tmp/attn
+      # Mosaic GPU forward (Hopper) beside the Triton forward and cuDNN in the same process
 
 Reports TFLOP/s at B=1, H=12, D=128, bf16 for forward, forward+backward and forward+JVP, dense and with
 the Wan teacher-forcing mask (1560 tokens per latent frame, frame-wise c1-1 and chunk-wise c3-3), beside
@@ -25,11 +27,13 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import pallas_kernels as pk  # noqa: E402
 from pallas_kernels import Mask, reference  # noqa: E402
+from pallas_kernels.attention import resolve_backend  # noqa: E402
 from pallas_kernels.mask import tile_schedule  # noqa: E402
 from rcm_jax.models import masks as video  # noqa: E402
 
 TOKENS_PER_FRAME = 1560
 B, H, D = 1, 12, 128
+BACKEND = None  # forward backend of the "pallas" rows (--backend); None = RCM_FLASH_BACKEND / auto
 
 
 def timeit(fn, *args, reps=10, warmup=2):
@@ -55,16 +59,18 @@ def rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def inputs(lq, lk, dtype=jnp.bfloat16, seed=0, h=H, hkv=H):
+def inputs(lq, lk, dtype=jnp.bfloat16, seed=0, h=H, hkv=H, d=D):
   ks = jax.random.split(jax.random.key(seed), 6)
-  shp_q, shp_k = (B, lq, h, D), (B, lk, hkv, D)
+  shp_q, shp_k = (B, lq, h, d), (B, lk, hkv, d)
   return [jax.random.normal(kk, s, dtype) for kk, s in zip(ks, [shp_q, shp_k, shp_k, shp_q, shp_k, shp_k])]
 
 
 def attn_fns(impl, mask, block_sizes=None):
   """(fwd, fwd+bwd, fwd+jvp) jitted closures for one implementation."""
   if impl == "pallas":
-    f = lambda q, k, v: pk.flash_attention(q, k, v, mask, block_sizes=block_sizes)
+    f = lambda q, k, v: pk.flash_attention(q, k, v, mask, block_sizes=block_sizes, backend=BACKEND)
+  elif impl == "triton":  # the Triton forward beside a --backend mosaic run
+    f = lambda q, k, v: pk.flash_attention(q, k, v, mask, block_sizes=block_sizes, backend="triton")
   elif impl == "cudnn":
     dense = None if mask is None else jnp.asarray(mask.to_dense())[None, None]
     f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="cudnn")
@@ -80,7 +86,7 @@ def attn_fns(impl, mask, block_sizes=None):
 # Correctness on the GPU: compiled Triton kernels against the XLA reference in float32.
 # ---------------------------------------------------------------------------------------------------
 
-def check(log):
+def check(log, scm=True, only=None, jvp=True):
   cases = [
       ("dense ragged GQA", None, 1000, 1000, 4, 2, jnp.bfloat16),
       ("TF c1-1 5 fr x 100 tok", video.teacher_forcing(5, 100, first_chunk_frames=1, chunk_frames=1),
@@ -91,17 +97,22 @@ def check(log):
        jnp.float32),
       ("dense random mask", Mask.from_dense(np.random.default_rng(1).random((300, 500)) < 0.4), 300, 500, 2, 1,
        jnp.bfloat16),
+      ("dense D=64 L=2048", None, 2048, 2048, 2, 2, jnp.bfloat16),
+      ("empty rows + 2 intervals", Mask.from_ranges(700, 900, [(100, 700, 0, 130), (100, 400, 300, 650),
+                                                                (400, 700, 500, 900)]), 700, 900, 2, 1, jnp.bfloat16),
   ]
   ok = True
   for case in cases:
+    if only and not any(o in case[0] for o in only):
+      continue
     try:
       with jax.default_matmul_precision("highest"):  # reference in true f32 (kernels set their own)
-        ok &= _check_case(log, *case)
+        ok &= _check_case(log, *case, jvp=jvp)
     except Exception as e:  # noqa: BLE001  (keep going: one log holds every failure)
       ok = False
       log(f"check {case[0]:26s} raised {type(e).__name__}: {str(e)[:1500]}")
   try:
-    ok &= check_scm_checkpoint(log)
+    ok &= check_scm_checkpoint(log) if scm else True
   except Exception as e:  # noqa: BLE001
     ok = False
     log(f"check sCM/checkpoint raised {type(e).__name__}: {str(e)[:1500]}")
@@ -137,25 +148,31 @@ def check_scm_checkpoint(log):
   return err < 3e-2
 
 
-def _check_case(log, name, mask, lq, lk, h, hkv, dtype):
-  q, k, v, tq, tk, tv = inputs(lq, lk, dtype, seed=hash(name) % 1000, h=h, hkv=hkv)
+def _check_case(log, name, mask, lq, lk, h, hkv, dtype, jvp=True):
+  d = 64 if "D=64" in name else D
+  # --backend mosaic checks every case: "auto" runs Mosaic where it applies and Triton elsewhere (f32,
+  # dense element masks); the log names the forward kernel each case ran.
+  backend = "auto" if BACKEND == "mosaic" else BACKEND
+  fwd_kernel = resolve_backend(backend, dtype, d, mask or Mask.full(lq, lk), lq, lk, False)
+  q, k, v, tq, tk, tv = inputs(lq, lk, dtype, seed=hash(name) % 1000, h=h, hkv=hkv, d=d)
   ct = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
   f32 = lambda *a: [x.astype(jnp.float32) for x in a]
-  fo, _, fj = attn_fns("pallas", mask)
+  f = lambda q, k, v: pk.flash_attention(q, k, v, mask, backend=backend)
+  o = jax.jit(f)(q, k, v)
   ro = jax.jit(lambda q, k, v: reference.attention(*f32(q, k, v), mask))
-  o = fo(q, k, v)
-  g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(pk.flash_attention(q, k, v, mask).astype(jnp.float32) * ct),
-                       (0, 1, 2)))(q, k, v)
+  g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * ct), (0, 1, 2)))(q, k, v)
   rg = jax.jit(jax.grad(lambda q, k, v: jnp.sum(reference.attention(q, k, v, mask) * ct), (0, 1, 2)))(
       *f32(q, k, v))
-  oj, tj = fj(q, k, v, tq, tk, tv)
-  rj = jax.jit(lambda *a: jax.jvp(lambda q, k, v: reference.attention(q, k, v, mask), a[:3], a[3:]))(
-      *f32(q, k, v, tq, tk, tv))
-  errs = dict(o=rel(o, ro(q, k, v)), dq=rel(g[0], rg[0]), dk=rel(g[1], rg[1]), dv=rel(g[2], rg[2]),
-              jvp_o=rel(oj, rj[0]), jvp_t=rel(tj, rj[1]))
+  errs = dict(o=rel(o, ro(q, k, v)), dq=rel(g[0], rg[0]), dk=rel(g[1], rg[1]), dv=rel(g[2], rg[2]))
+  if jvp:  # the fused JVP kernel (Triton under every backend)
+    oj, tj = jax.jit(lambda *a: jax.jvp(f, a[:3], a[3:]))(q, k, v, tq, tk, tv)
+    rj = jax.jit(lambda *a: jax.jvp(lambda q, k, v: reference.attention(q, k, v, mask), a[:3], a[3:]))(
+        *f32(q, k, v, tq, tk, tv))
+    errs.update(jvp_o=rel(oj, rj[0]), jvp_t=rel(tj, rj[1]))
   tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3
   good = all(e < tol for e in errs.values())
-  log(f"check {name:26s} {jnp.dtype(dtype).name:8s} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+  log(f"check {name:26s} {jnp.dtype(dtype).name:8s} fwd={fwd_kernel:6s} "
+      + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
       + ("  OK" if good else "  FAIL"))
   return good
 
@@ -175,16 +192,19 @@ def bench_case(label, mask, lq, lk, log, results, peers=True, xla_jvp=True, bloc
                                 cfg.block_k).computed_fraction()
   base = 4.0 * B * H * lq * lk * D
   q, k, v, tq, tk, tv = inputs(lq, lk)
-  impls = ["pallas"] + (["cudnn"] if peers else []) + (["xla"] if xla_jvp else [])
+  impls = (["pallas"] + (["triton"] if BACKEND == "mosaic" else []) + (["cudnn"] if peers else [])
+           + (["xla"] if xla_jvp else []))
   for impl in impls:
     try:
-      fwd, fb, jv = attn_fns(impl, mask, block_sizes if impl == "pallas" else None)
+      fwd, fb, jv = attn_fns(impl, mask, block_sizes if impl in ("pallas", "triton") else None)
     except Exception as e:  # noqa: BLE001
       log(f"{label} {impl}: setup failed {type(e).__name__}: {str(e)[:200]}")
       continue
     for mode, fn, args, mult in (("fwd", fwd, (q, k, v), 1.0), ("fb", fb, (q, k, v), 3.5),
                                  ("jvp", jv, (q, k, v, tq, tk, tv), 3.0)):
       if mode not in modes or (impl == "cudnn" and mode == "jvp") or (impl == "xla" and mode != "jvp"):
+        continue
+      if impl == "triton" and mode == "jvp":  # the JVP is the Triton kernel under every backend
         continue
       try:
         t = timeit(fn, *args, reps=3 if lq * lk > 2e9 else 10)
@@ -194,10 +214,11 @@ def bench_case(label, mask, lq, lk, log, results, peers=True, xla_jvp=True, bloc
       frac = fracs[mode]
       tf = base * mult * density / t / 1e12
       tile_tf = base * mult * frac / t / 1e12
-      row = dict(label=label, impl=impl, mode=mode, lq=lq, lk=lk, density=density, tile_frac=frac,
+      name = BACKEND if (impl == "pallas" and BACKEND) else impl
+      row = dict(label=label, impl=name, mode=mode, lq=lq, lk=lk, density=density, tile_frac=frac,
                  ms=t * 1e3, tflops=tf, tile_tflops=tile_tf)
       results.append(row)
-      log(f"{label:34s} {impl:6s} {mode:4s} {t*1e3:9.3f} ms  {tf:7.1f} TFLOP/s  (tiles {tile_tf:7.1f}; "
+      log(f"{label:34s} {name:6s} {mode:4s} {t*1e3:9.3f} ms  {tf:7.1f} TFLOP/s  (tiles {tile_tf:7.1f}; "
           f"density {density:.3f}, tiles {frac:.3f})")
 
 
@@ -206,23 +227,47 @@ def tf_mask(frames, chunk):
   return video.teacher_forcing(frames, TOKENS_PER_FRAME, first_chunk_frames=first, chunk_frames=chunk)
 
 
-def bench(log, results, sizes, block_sizes=None):
+TF_CASES = ((1, 1), (5, 1), (21, 1), (3, 3), (6, 3), (21, 3))  # (latent frames, chunk frames)
+
+
+def bench(log, results, sizes, block_sizes=None, modes=("fwd", "fb", "jvp"), decode=True, tf_cases=TF_CASES):
+  xla = "jvp" in modes
   for L in sizes:
-    bench_case(f"dense L={L}", None, L, L, log, results, xla_jvp=L <= 8192, block_sizes=block_sizes)
+    bench_case(f"dense L={L}", None, L, L, log, results, xla_jvp=xla and L <= 8192, block_sizes=block_sizes,
+               modes=modes)
   # Teacher forcing: packed [clean | noisy] of F latent frames, L = 2 F 1560 (frame-aligned near the
   # dense sizes: F = 1, 5, 21 frame-wise -> 3120, 15600, 65520; F = 3, 6, 21 chunk-wise -> 9360, 18720, 65520).
-  for frames, chunk in ((1, 1), (5, 1), (21, 1), (3, 3), (6, 3), (21, 3)):
+  for frames, chunk in tf_cases:
     mask = tf_mask(frames, chunk)
     L = mask.shape[0]
-    if L > max(sizes) + 1000 or L < min(sizes) - 1000:
+    if sizes and (L > max(sizes) + 1000 or L < min(sizes) - 1000):
       continue
     bench_case(f"TF {'c1-1' if chunk == 1 else 'c3-3'} F={frames} L={L}", mask, L, L, log, results,
-               peers=L <= 18720, xla_jvp=L <= 9360, block_sizes=block_sizes)
+               peers=L <= 18720, xla_jvp=xla and L <= 9360, block_sizes=block_sizes, modes=modes)
   # Streaming decode: one chunk of queries against a KV cache (cache + the chunk), forward only.
-  for lq in (1560, 4680):
+  for lq in ((1560, 4680) if decode else ()):
     for lk in (16380, 32760):
       bench_case(f"decode Lq={lq} Lk={lk}", None, lq, lk, log, results, xla_jvp=False, block_sizes=block_sizes,
                  modes=("fwd",))
+
+
+def mosaic_tune(log, results, L=16384):
+  """The Mosaic forward kernel alone at dense L for a few (block_k, stages) configs."""
+  from pallas_kernels import mosaic  # noqa: PLC0415
+  q, k, v = inputs(L, L)[:3]
+  mask = Mask.full(L, L)
+  for bk, stages in ((128, 2), (64, 3), (64, 4)):  # (128, 3) needs 234 KB > 227 KB of shared memory
+    cfg = mosaic.MosaicConfig(bk, stages)
+    fn = jax.jit(lambda q, k, v, cfg=cfg: mosaic.forward(q, k, v, mask, sm_scale=D ** -0.5, cfg=cfg))
+    try:
+      t = timeit(fn, q, k, v)
+    except Exception as e:  # noqa: BLE001
+      log(f"mosaic tune block_k={bk} stages={stages}: failed {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      continue
+    tf = 4.0 * B * H * L * L * D / t / 1e12
+    results.append(dict(label=f"mosaic tune L={L}", impl="mosaic", mode="fwd", block_k=bk, stages=stages,
+                        ms=t * 1e3, tflops=tf))
+    log(f"mosaic tune L={L} block_k={bk:3d} stages={stages}: {t*1e3:8.3f} ms {tf:7.1f} TFLOP/s")
 
 
 def matmul_peak(log):
@@ -277,8 +322,20 @@ def main():
   ap.add_argument("--tune", action="store_true")
   ap.add_argument("--tune2", action="store_true")
   ap.add_argument("--sizes", default="4096,16384,65536")
+  ap.add_argument("--backend", default=None, choices=["auto", "triton", "mosaic"],
+                  help="forward backend of the 'pallas' rows; with 'mosaic' the Triton forward is timed beside it")
+  ap.add_argument("--modes", default="fwd,fb,jvp", help="bench modes: fwd, fb (fwd+bwd), jvp")
+  ap.add_argument("--skip-decode", action="store_true", help="leave out the streaming-decode cases")
+  ap.add_argument("--tf-cases", default=",".join(f"{f}:{c}" for f, c in TF_CASES),
+                  help="teacher-forcing masks to time, as frames:chunk_frames pairs")
+  ap.add_argument("--mosaic-tune", action="store_true", help="time the Mosaic forward's (block_k, stages) configs")
+  ap.add_argument("--check-only", default="", help="comma-separated substrings of the --check case names to run")
+  ap.add_argument("--check-no-jvp", action="store_true", help="--check: forward and gradients only")
+  ap.add_argument("--skip-scm", action="store_true", help="leave out the sCM/checkpoint case of --check")
   ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
   args = ap.parse_args()
+  global BACKEND
+  BACKEND = args.backend
   os.makedirs(args.out, exist_ok=True)
   logf = open(os.path.join(args.out, "attention_log.txt"), "a")
 
@@ -292,13 +349,18 @@ def main():
   results = []
   ok = True
   if args.check:
-    ok = check(log)
-  if args.bench or args.tune or args.tune2:
+    ok = check(log, scm=not args.skip_scm, only=[c for c in args.check_only.split(",") if c],
+               jvp=not args.check_no_jvp)
+  if args.bench or args.tune or args.tune2 or args.mosaic_tune:
     matmul_peak(log)
+  if args.mosaic_tune:
+    mosaic_tune(log, results)
   if args.tune:
     tune(log, results)
   if args.bench:
-    bench(log, results, [int(s) for s in args.sizes.split(",")])
+    bench(log, results, [int(s) for s in args.sizes.split(",") if s], modes=tuple(args.modes.split(",")),
+          decode=not args.skip_decode,
+          tf_cases=tuple(tuple(int(x) for x in c.split(":")) for c in args.tf_cases.split(",") if c))
   if args.tune2:
     tune2(log, results)
   with open(os.path.join(args.out, "attention_results.json"), "w") as f:

@@ -21,23 +21,33 @@ training entry point sets it.
 
 `implementation="xla"` selects `pallas_kernels.reference.attention` instead (materialises scores; short
 sequences only, or hardware without Pallas-Triton).
+
+Forward backend (`backend=` argument, else the `RCM_FLASH_BACKEND` environment variable, default "auto"):
+"auto" runs the forward (plain evaluation and the VJP's forward) through the Mosaic GPU kernel
+(`pallas_kernels/mosaic.py`) on compute capability 9.x GPUs for bf16 inputs whose mask it handles, and
+through the Triton kernel otherwise; "triton" forces Triton; "mosaic" forces Mosaic (a `UserError` where
+it cannot run). The backward and the fused JVP always use the Triton kernels, which read the same lse2.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import hijax
 
-from pallas_kernels import kernels, reference
+from pallas_kernels import kernels, mosaic, reference
 from pallas_kernels.kernels import BlockSizes, KernelConfig
 from pallas_kernels.mask import Mask, tile_schedule
+from rcm_jax.errors import UserError
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float32)  # the two checked on the H100 (float16 never was)
 IMPLEMENTATIONS = ("pallas", "xla")
+BACKENDS = ("auto", "triton", "mosaic")
+BACKEND_ENV = "RCM_FLASH_BACKEND"
 
 
 def _round_up(x, m):
@@ -53,13 +63,15 @@ def _shrink(cfg: KernelConfig, lq: int, lk: int) -> KernelConfig:
 class _Plan:
   """Everything static about one call: tiles, padded lengths and schedules (hashable by its key)."""
 
-  def __init__(self, mask: Mask, lq: int, lk: int, sm_scale: float, blocks: BlockSizes, interpret: bool):
+  def __init__(self, mask: Mask, lq: int, lk: int, sm_scale: float, blocks: BlockSizes, interpret: bool,
+               fwd_backend: str = "triton"):
     self.fwd, self.dq, self.dkdv, self.jvp = (_shrink(c, lq, lk) for c in blocks.all())
     cfgs = (self.fwd, self.dq, self.dkdv, self.jvp)
     self.lq_pad = _round_up(lq, max(c.block_q for c in cfgs))
     self.lk_pad = _round_up(lk, max(c.block_k for c in cfgs))
     self.mask, self.sm_scale, self.interpret = mask, sm_scale, interpret
-    self.key = (mask, lq, lk, sm_scale, blocks, interpret)
+    self.fwd_backend = fwd_backend  # "triton" or "mosaic" (resolved by `resolve_backend`)
+    self.key = (mask, lq, lk, sm_scale, blocks, interpret, fwd_backend)
 
   def sched(self, cfg: KernelConfig):
     return tile_schedule(self.mask, self.lq_pad, self.lk_pad, cfg.block_q, cfg.block_k)
@@ -91,6 +103,9 @@ class _FlashAttention(hijax.HiPrim):
   def _forward(self, q, k, v):
     p = self.plan
     qp, kp, vp = self._padded(q, k, v)
+    if p.fwd_backend == "mosaic":
+      o, lse = mosaic.forward(qp, kp, vp, p.mask, sm_scale=p.sm_scale)
+      return o[:, :q.shape[1]], lse
     o, lse = kernels.forward(qp, kp, vp, p.sched(p.fwd), p.fwd, sm_scale=p.sm_scale, interpret=p.interpret)
     return o[:, :q.shape[1]], lse
 
@@ -175,9 +190,47 @@ def _validate(q, k, v, mask, sm_scale, implementation):
                        f"{[jnp.dtype(d).name for d in SUPPORTED_DTYPES]}.")
 
 
+def _hopper_gpu() -> bool:
+  if jax.default_backend() != "gpu":
+    return False
+  cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+  return cc.split(".")[0] == "9"
+
+
+def resolve_backend(backend: str | None, dtype, head_dim: int, mask: Mask, lq: int, lk: int,
+                    interpret: bool) -> str:
+  """The forward kernel a call runs: "triton" or "mosaic" (see the module docstring).
+
+  backend: "auto" / "triton" / "mosaic", or None for the `RCM_FLASH_BACKEND` environment variable
+  (default "auto"). head_dim is the padded one (64 or 128).
+  """
+  source = "backend"
+  if backend is None:
+    backend, source = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto", BACKEND_ENV
+  if backend not in BACKENDS:
+    raise UserError(f"flash_attention: {source}={backend!r} is not one of {BACKENDS}; set it to one of them.")
+  if backend == "triton":
+    return "triton"
+  why = None
+  if interpret:
+    why = "interpret mode (CPU) runs the portable Triton kernels only"
+  elif not _hopper_gpu():
+    why = (f"the device is {jax.default_backend()} "
+           f"{getattr(jax.devices()[0], 'device_kind', '')!s}, not a compute capability 9.x (Hopper) GPU")
+  elif jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+    why = f"dtype {jnp.dtype(dtype).name} (the Mosaic forward is bf16 only)"
+  else:
+    why = mosaic.unsupported_reason(dtype, head_dim, mask, lq, lk)
+  if why is None:
+    return "mosaic"
+  if backend == "mosaic":
+    raise UserError(f"flash_attention: {source}='mosaic' cannot run this call: {why}. Use 'auto' or 'triton'.")
+  return "triton"
+
+
 def flash_attention(q, k, v, mask: Mask | None = None, *, sm_scale: float | None = None,
                     interpret: bool | None = None, implementation: str = "pallas",
-                    block_sizes: BlockSizes | None = None):
+                    block_sizes: BlockSizes | None = None, backend: str | None = None):
   """Block-sparse masked attention with forward, backward and fused forward+JVP kernels.
 
   q: [B, Lq, H, D]; k, v: [B, Lk, Hkv, D] with Hkv | H (grouped heads); D in SUPPORTED_HEAD_DIMS;
@@ -186,6 +239,8 @@ def flash_attention(q, k, v, mask: Mask | None = None, *, sm_scale: float | None
   D ** -0.5. interpret=None uses Pallas interpret mode when the default backend is the CPU.
   implementation: "pallas" (default) or "xla" (`pallas_kernels.reference.attention`, materialises
   the [Lq, Lk] scores). block_sizes: tile/launch overrides (tuning; see `kernels.BlockSizes`).
+  backend: forward kernel, "auto" (Mosaic GPU on Hopper for bf16, else Triton), "triton" or "mosaic";
+  None reads the `RCM_FLASH_BACKEND` environment variable (default "auto").
   Returns [B, Lq, H, D] in q.dtype. Differentiable with `jax.grad` and `jax.jvp` (see module doc).
   """
   _validate(q, k, v, mask, sm_scale, implementation)
@@ -204,6 +259,7 @@ def flash_attention(q, k, v, mask: Mask | None = None, *, sm_scale: float | None
     # pad/slice are linear, so grad and jvp pass through them. Costs (d_pad / d)x the matmul work.
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, d_pad - d)))
     q, k, v = pad(q), pad(k), pad(v)
-  plan = _Plan(mask, lq, lk, scale, block_sizes or BlockSizes.default_for(q.dtype), bool(interpret))
+  fwd_backend = resolve_backend(backend, q.dtype, d_pad, mask, lq, lk, bool(interpret))
+  plan = _Plan(mask, lq, lk, scale, block_sizes or BlockSizes.default_for(q.dtype), bool(interpret), fwd_backend)
   o = _FlashAttention(jax.typeof(q), jax.typeof(k), jax.typeof(v), plan)(q, k, v)
   return o[..., :d]

@@ -263,3 +263,93 @@ def test_bad_input(change, match):
   kwargs = {n: change[n] for n in ("mask", "implementation") if n in change}
   with pytest.raises(ValueError, match=match):
     jax.eval_shape(lambda q, k, v: pk.flash_attention(q, k, v, **kwargs), q, k, v)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward backend dispatch and the Mosaic GPU (Hopper) forward kernel. The kernel cannot run on the CPU;
+# here it is lowered for CUDA (jax's Mosaic GPU lowering is Python and runs without a GPU) and run in
+# jax's Mosaic GPU interpreter (barriers, TMA copies and wgmma emulated on the CPU). Compiled-kernel
+# numbers and checks on the H100: benchmarks/RESULTS.md ("Mosaic GPU forward").
+# --------------------------------------------------------------------------------------------------
+
+from pallas_kernels import mosaic  # noqa: E402
+from pallas_kernels.attention import BACKEND_ENV, resolve_backend  # noqa: E402
+from rcm_jax.errors import UserError  # noqa: E402
+
+
+def test_backend_dispatch_picks_triton_on_cpu(monkeypatch):
+  mask = Mask.full(300, 300)
+  monkeypatch.delenv(BACKEND_ENV, raising=False)
+  for interpret in (True, False):  # CPU: interpret mode, or compiled on a non-Hopper device
+    assert resolve_backend(None, jnp.bfloat16, 128, mask, 300, 300, interpret) == "triton"
+    assert resolve_backend("auto", jnp.bfloat16, 128, mask, 300, 300, interpret) == "triton"
+  with pytest.raises(UserError, match="backend='mosaic' cannot run this call: interpret mode"):
+    resolve_backend("mosaic", jnp.bfloat16, 128, mask, 300, 300, True)
+  with pytest.raises(UserError, match=BACKEND_ENV):
+    monkeypatch.setenv(BACKEND_ENV, "cutlass")
+    resolve_backend(None, jnp.bfloat16, 128, mask, 300, 300, True)
+  monkeypatch.setenv(BACKEND_ENV, "mosaic")
+  q = jax.ShapeDtypeStruct((1, 300, 2, 64), jnp.bfloat16)
+  with pytest.raises(UserError, match=f"{BACKEND_ENV}='mosaic'"):
+    jax.eval_shape(lambda q: pk.flash_attention(q, q, q), q)
+  # the op on the CPU with the default backend runs the portable kernels and stays correct
+  monkeypatch.setenv(BACKEND_ENV, "auto")
+  rng = np.random.default_rng()
+  q, k, v = _inputs(rng, 1, 40, 40, 2, 1, 64, jnp.bfloat16)
+  ref, run = _ref64(None)
+  assert _rel(pk.flash_attention(q, k, v), run(ref, q, k, v)) < TOL[jnp.bfloat16]
+
+
+def test_mosaic_support_rules():
+  rng = np.random.default_rng(0)
+  tf = video.teacher_forcing(7, 100, first_chunk_frames=1, chunk_frames=3, local_blocks=2, sink_blocks=1)
+  assert mosaic.unsupported_reason(jnp.bfloat16, 128, tf, 1400, 1400) is None
+  assert mosaic.unsupported_reason(jnp.bfloat16, 64, Mask.full(10, 7), 10, 7) is None
+  assert "dtype" in mosaic.unsupported_reason(jnp.float32, 128, tf, 1400, 1400)
+  assert "head dim" in mosaic.unsupported_reason(jnp.bfloat16, 96, tf, 1400, 1400)
+  noisy = Mask.from_dense(rng.random((200, 300)) < 0.5)  # many runs per row: dense element-mask mode
+  assert "dense element mask" in mosaic.unsupported_reason(jnp.bfloat16, 128, noisy, 200, 300)
+  many = Mask.from_ranges(128, 640, [(0, 128, 100 * i, 100 * i + 50) for i in range(6)])  # 6 intervals a row
+  assert "intervals per row" in mosaic.unsupported_reason(jnp.bfloat16, 128, many, 128, 640)
+
+
+@pytest.mark.parametrize("d,heads", [(128, (4, 2)), (64, (2, 2))])
+def test_mosaic_forward_lowers_for_hopper(d, heads):
+  mask = video.teacher_forcing(5, 100, first_chunk_frames=1, chunk_frames=1)
+  lq = mask.shape[0]
+  q = jax.ShapeDtypeStruct((1, lq, heads[0], d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, lq, heads[1], d), jnp.bfloat16)
+  fn = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=d ** -0.5))
+  text = fn.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  out = jax.eval_shape(fn, q, kv, kv)
+  assert out[0].shape == q.shape and out[0].dtype == jnp.bfloat16
+  assert out[1].shape == (1, heads[0], lq) and out[1].dtype == jnp.float32
+
+
+def test_mosaic_forward_lowering_rejects_too_much_shared_memory():
+  q = jax.ShapeDtypeStruct((1, 256, 1, 128), jnp.bfloat16)
+  fn = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, Mask.full(256, 256), sm_scale=0.1,
+                                              cfg=mosaic.MosaicConfig(block_k=128, stages=3)))
+  with pytest.raises(Exception, match="shared memory"):
+    fn.trace(q, q, q).lower(lowering_platforms=("cuda",))
+
+
+def test_mosaic_forward_in_gpu_interpreter():
+  """The kernel's schedule walk, barriers, element masks and empty rows, in jax's Mosaic GPU interpreter."""
+  plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  if not hasattr(plgpu, "InterpretGPUParams"):
+    pytest.skip("this jax has no Mosaic GPU interpreter")
+  rng = np.random.default_rng()
+  # rows 0-19 allow nothing; rows 20-119 two intervals; 3 key tiles of 128 > 2 ring slots (slot reuse)
+  mask = Mask.from_ranges(200, 300, [(20, 200, 0, 70), (20, 120, 100, 190), (120, 200, 150, 300)])
+  q, k, v = _inputs(rng, 1, 200, 300, 2, 1, 64, jnp.bfloat16)
+  o, lse = mosaic.forward(q, k, v, mask, sm_scale=0.125, interpret=plgpu.InterpretGPUParams())
+  ref, run = _ref64(mask, sm_scale=0.125)
+  assert _rel(o, run(ref, q, k, v)) < TOL[jnp.bfloat16]
+  assert np.all(np.asarray(o)[:, :20] == 0)
+  s = np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), 2, 2))
+  s = np.where(mask.to_dense(), s * 0.125 / np.log(2), -np.inf)[:, :, 20:]  # base-2 logits, rows 20+
+  ref_lse = np.log2(np.exp2(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
+  np.testing.assert_allclose(np.asarray(lse)[:, :, 20:], ref_lse, rtol=1e-5, atol=1e-4)
+  assert np.all(np.asarray(lse)[:, :, :20] >= 1e29)  # lse2 = BIG on fully masked rows (backward reads it)
