@@ -1,5 +1,10 @@
-"""SF-DMD (rcm_jax/recipes/sf_dmd.py): the DMD gradient on a Gaussian problem with exact scores, gradients only
-through the exit step, the critic / student update ratio, and bad config keys."""
+"""SF-DMD (rcm_jax/recipes/sf_dmd.py) and rCM (rcm_jax/recipes/rcm.py): the DMD gradient on a Gaussian problem with
+exact scores, gradients only through the exit step, the critic / student update ratio, the joint TF-sCM + lambda
+SF-DMD loss against its two terms computed apart, the bidirectional rCM, bad inputs named by their keys before any
+compute, and a diverging critic stopping the trainer with the last good checkpoint on disk."""
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,6 +15,7 @@ from rcm_jax import recipes
 from rcm_jax.diffusion import flow
 from rcm_jax.inference import rollout
 from rcm_jax.models import build_model
+from rcm_jax.errors import UserError
 from rcm_jax.recipes.causal import BlockPattern, RecipeConfigError
 from rcm_jax.recipes.sf_dmd import dmd_loss
 from rcm_jax.training.state import TrainState
@@ -40,9 +46,9 @@ def _params(model, seed):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def _batch():
+def _batch(frames=T):
   rng = np.random.default_rng(0)
-  return {"video": jnp.asarray(rng.uniform(-1, 1, (B, T, HW, HW, C)), jnp.float32),
+  return {"video": jnp.asarray(rng.uniform(-1, 1, (B, frames, HW, HW, C)), jnp.float32),
           "cond": {"labels": jnp.asarray([[3], [5]], jnp.int32)},
           "null": {"labels": jnp.full((B, 1), NULL, jnp.int32)}}
 
@@ -154,3 +160,256 @@ def test_replay_backprop_gives_the_same_gradients():
     out.append(jax.jit(jax.grad(lambda p: recipe.loss(p, frozen, b, jax.random.key(0), 1)[0]))(student))
   for a, c in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
     np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- rCM: joint and bidirectional
+def _cfg(recipe, **sections):
+  """A recipe config over the sf_dmd test defaults; a section given as a dict is merged, None removes it."""
+  base = _config().to_dict()
+  base["recipe"] = recipe
+  base["dmd"] = dict(critic_steps=1)
+  for k, v in sections.items():
+    if v is None:
+      base.pop(k, None)
+    else:
+      base[k] = dict(base.get(k) or {}, **v) if isinstance(v, dict) else v
+  return ml_collections.ConfigDict(base)
+
+
+def _run_updates(recipe, student, n, frames=2):
+  state = TrainState.create(student, recipe.tx, use_ema=True, extra=recipe.init_extra(jax.random.key(0), student))
+  update = jax.jit(recipe.update)
+  out = []
+  for i in range(n):
+    before = state
+    state, m = update(state, recipe.frozen_params(), _batch(frames), jax.random.key(10 + i))
+    out.append({k: float(v) for k, v in m.items()})
+  return before, state, out
+
+
+def _moved(a, b):
+  return float(sum(jnp.abs(x - y).sum() for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+def test_joint_loss_is_the_tf_scm_loss_plus_lambda_times_the_sf_dmd_loss_and_updates_run_finite():
+  """rcm_joint's update: its student loss equals tf_scm's and sf_dmd's losses built apart (eager, on the rngs
+  split(r_student) = (r_dmd, r_scm), the critic after this step's critic update), combined with lambda drawn at
+  random; scm.loss_scale is lowered so that both terms weigh alike (the sCM loss sits near its scale)."""
+  model = _model()
+  seeds = np.random.default_rng().integers(0, 2 ** 30, 3)
+  teacher, tf_teacher, student = (_params(model, int(s)) for s in seeds)
+  lam = float(np.random.default_rng().uniform(0.5, 2.0))
+  scm_cfg = dict(warmup_steps=0, loss_scale=0.01)
+  joint = recipes.get_recipe("rcm_joint")(_cfg("rcm_joint", rcm=dict(dmd_weight=lam), scm=scm_cfg), model,
+                                          teacher_params=teacher, scm_teacher_params=tf_teacher)
+  assert set(joint.frozen_params()) == {"teacher", "scm_teacher"}
+  before, state, ms = _run_updates(joint, student, 2)
+  assert all(np.isfinite(m[k]) for m in ms for k in ("loss", "scm_loss", "dmd_loss", "critic_loss", "g_norm"))
+  assert [m["exit_step"] for m in ms] == [1.0, 2.0] and int(state.nan_total) == 0
+  assert int(state.extra["critic_updates"]) == 2 and _moved(state.params, student) > 0
+  assert _moved(state.extra["critic"], teacher) > 0
+  # the last step's student loss, term by term, from the recipes it combines
+  scm = recipes.get_recipe("tf_scm")(_cfg("tf_scm", teacher=dict(kind="causal"), scm=scm_cfg), model,
+                                     teacher_params=tf_teacher)
+  sf = recipes.get_recipe("sf_dmd")(_cfg("sf_dmd"), model, teacher_params=teacher)
+  r_dmd, r_scm = jax.random.split(jax.random.split(jax.random.key(11))[1])
+  step = int(before.step)
+  want_scm, _ = scm.loss(before.params, {"teacher": tf_teacher}, _batch(2), r_scm, step)
+  want_dmd, _ = sf.loss(before.params, {"teacher": teacher, "critic": state.extra["critic"]}, _batch(2), r_dmd, step)
+  m = ms[-1]
+  assert 1e-3 < lam * float(want_dmd) / float(want_scm) < 1e3, (float(want_scm), float(want_dmd))
+  np.testing.assert_allclose(m["scm_loss"], float(want_scm), rtol=1e-4)
+  np.testing.assert_allclose(m["dmd_loss"], float(want_dmd), rtol=1e-4)
+  np.testing.assert_allclose(m["loss"], float(want_scm) + lam * float(want_dmd), rtol=1e-4)
+
+
+def test_bidirectional_generator_matches_a_plain_consistency_loop_and_grads_only_at_the_exit():
+  from rcm_jax.recipes.rcm import bidirectional_generate
+  model = _model()
+  params, other = _params(model, 1), _params(model, 2)
+  b = _batch()
+  times = (1600 / 1601, 15 / 16, 5 / 6, 5 / 8, 0.0)
+  noise = jax.random.normal(jax.random.key(1), b["video"].shape)
+  rng = jax.random.key(7)
+  gen = jax.jit(lambda p, pre, x, k: bidirectional_generate(model, p, x, b["cond"], times, rng, k, prefix_params=pre))
+  for k in (1, 3):   # reference: a Python loop of the few-step consistency sampler, prefix steps on `other`
+    x = np.asarray(noise, np.float64) * times[0]
+    keys = jax.random.split(rng, 4)
+    for s in range(k):
+      tt = jnp.full((B, T), times[s], jnp.float32)
+      v = np.asarray(model.apply(params if s == k - 1 else other, jnp.asarray(x, jnp.float32), tt, **b["cond"]))
+      x0 = x - times[s] * v
+      if s < k - 1:
+        x = (1 - times[s + 1]) * x0 + times[s + 1] * np.asarray(jax.random.normal(keys[s], x.shape))
+    np.testing.assert_allclose(gen(params, other, noise, jnp.int32(k)), x0, rtol=1e-4, atol=1e-5)
+  gp, gpre = jax.grad(lambda p, pre: jnp.sum(gen(p, pre, noise, jnp.int32(3)) ** 2), argnums=(0, 1))(params, other)
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(gpre))
+  assert float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(gp))) > 0
+
+
+def test_bidirectional_rcm_runs_a_few_steps():
+  model = _model()
+  teacher, student = _params(model, 1), _params(model, 2)
+  recipe = recipes.get_recipe("rcm_bidirectional")(
+      _cfg("rcm_bidirectional", causal=None, teacher=dict(kind="bidirectional"), rcm=dict(dmd_weight=0.5),
+           scm=dict(warmup_steps=0)), model, teacher_params=teacher)
+  _, state, ms = _run_updates(recipe, student, 2)
+  assert all(np.isfinite(m[k]) for m in ms for k in ("loss", "scm_loss", "dmd_loss", "critic_loss", "g_norm"))
+  for m in ms:
+    np.testing.assert_allclose(m["loss"], m["scm_loss"] + 0.5 * m["dmd_loss"], rtol=1e-5)
+  assert int(state.nan_total) == 0 and int(state.extra["critic_updates"]) == 2
+  assert _moved(state.params, student) > 0 and _moved(state.extra["critic"], teacher) > 0
+
+
+# ----------------------------------------------------------------------------- bad input, before any compute
+def _zeros(model):
+  from rcm_jax.models.wan import dummy_inputs
+  args, kwargs = dummy_inputs(model.config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def test_a_rollout_longer_than_the_kv_cache_without_a_window_is_refused_naming_the_key():
+  model = _model()
+  teacher = _params(model, 1)
+  cfg = _config(cache_frames=1)
+  cfg.data = dict(world=dict(frames=3))
+  with pytest.raises(rollout.RolloutConfigError, match=r"dmd\.cache_frames=1 and there is no rolling window"):
+    recipes.get_recipe("sf_dmd")(cfg, model, teacher_params=teacher)
+  cfg.causal.local_blocks = 2   # a window of the block and the one before it: one cached frame is enough
+  recipes.get_recipe("sf_dmd")(cfg, model, teacher_params=teacher)
+
+
+@pytest.mark.parametrize("fields,key", [(dict(in_channels=3, out_channels=3), "model.in_channels"),
+                                        (dict(num_classes=7), "model.num_classes"),
+                                        (dict(num_actions=5), "model.num_actions"),
+                                        (dict(cond_channels=2), "model.cond_channels")])
+def test_a_teacher_or_critic_with_other_latents_or_conditions_is_refused_naming_the_key(fields, key):
+  model = _model()
+  other = _zeros(build_model("tiny", patch_size=(1, 4, 4), num_layers=1, **dict(dict(num_classes=NULL), **fields)))
+  good = _zeros(model)
+  for recipe, kw, name in (("sf_dmd", dict(teacher_params=other), "teacher_from"),
+                           ("sf_dmd", dict(teacher_params=good, critic_params=other), "critic_from"),
+                           ("rcm_joint", dict(teacher_params=good, scm_teacher_params=other), "scm_teacher_from"),
+                           ("rcm_bidirectional", dict(teacher_params=other), "teacher_from")):
+    cfg = _cfg(recipe, **({"causal": None, "teacher": dict(kind="bidirectional")} if recipe == "rcm_bidirectional"
+                          else {}))
+    with pytest.raises(RecipeConfigError, match=f"{name}: .*{key}"):
+      recipes.get_recipe(recipe)(cfg, model, **kw)
+
+
+@pytest.mark.parametrize("key,theirs", [("world", "camera_pan"), ("data.world.channels", 3)])
+def test_a_teacher_stage_of_another_world_is_refused_from_its_config_before_loading(tmp_path, key, theirs):
+  model = _model()
+  mine = dict(world="moving_digits", data=dict(world=dict(channels=4, size=HW)), model=dict(patch_size=[1, 4, 4]))
+  stage = json.loads(json.dumps(mine))
+  if key == "world":
+    stage["world"] = theirs
+  else:
+    stage["data"]["world"]["channels"] = theirs
+  (tmp_path / "config.json").write_text(json.dumps(stage))   # no checkpoint: the check comes before any load
+  for recipe, extra in (("sf_dmd", {}), ("rcm_bidirectional", {"causal": None})):
+    cfg = _cfg(recipe, teacher_from=str(tmp_path), teacher=dict(kind="bidirectional"), **extra, **mine)
+    with pytest.raises(RecipeConfigError, match=f"teacher_from=.*{key}={theirs!r}"):
+      recipes.get_recipe(recipe)(cfg, model)
+
+
+def test_rcm_bad_keys_are_named():
+  model = _model()
+  teacher = _params(model, 1)
+  bi = dict(causal=None, teacher=dict(kind="bidirectional"))
+  for recipe, extra in (("rcm_joint", {}), ("rcm_bidirectional", bi)):
+    for sections, key in ((dict(rcm=dict(dmd_weight=0.0)), "rcm.dmd_weight"),
+                          (dict(dmd=dict(critic_steps=0)), "dmd.critic_steps"),
+                          (dict(dmd=dict(schedule=(1.0, 0.5, 0.5, 0.0))), "dmd.schedule"),
+                          (dict(rcm=dict(lambda_=1.0)), "rcm.lambda_")):
+      with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        recipes.get_recipe(recipe)(_cfg(recipe, **extra, **sections), model, teacher_params=teacher)
+  with pytest.raises(RecipeConfigError, match=r"dmd\.cache_frames"):   # no KV cache in the bidirectional rCM
+    recipes.get_recipe("rcm_bidirectional")(_cfg("rcm_bidirectional", dmd=dict(cache_frames=4), **bi), model,
+                                            teacher_params=teacher)
+
+
+# ----------------------------------------------------------------------------- a diverging critic
+def test_a_diverging_critic_stops_the_trainer_with_the_last_good_checkpoint_on_disk(tmp_path, monkeypatch):
+  """NaN enters the critic's loss from step 2 on: its updates are skipped, the step keeps the student too, and after
+  train.nan_patience = 2 such steps the trainer raises TrainingDiverged. The newest checkpoint holds exactly the
+  networks of the last good step, and restores."""
+  import importlib.util
+  import optax
+  from rcm_jax.models.wan import dummy_inputs
+  from rcm_jax.recipes.sf_dmd import DistributionMatching, SelfForcingDMD
+  from rcm_jax.training import checkpoint, pipeline, trainer
+  from rcm_jax.training import setup as setup_lib
+
+  spec = importlib.util.spec_from_file_location(
+      "toy_sf_dmd", os.path.join(os.path.dirname(__file__), "..", "configs", "toy", "sf_dmd.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = pipeline.stage_config(mod.get_config("runlocal"), "sf_dmd", str(tmp_path))
+  tdir = str(tmp_path / "teacher")
+  cfg.init_from, cfg.teacher_from = "", tdir
+  cfg.data.world.frames, cfg.data.num_train_videos, cfg.data.num_eval_videos = 2, 8, 4
+  cfg.model.num_layers, cfg.dmd.critic_steps = 1, 1
+  cfg.train.update(batch_size=2, num_steps=8, ckpt_every=1, keep=10, nan_patience=2, progress=False)
+  model = setup_lib.make_model(cfg)
+  args, kwargs = dummy_inputs(model.config)
+  rng = np.random.default_rng()
+  teacher = jax.tree.map(lambda x: x + 0.02 * rng.normal(size=x.shape).astype(np.float32),
+                         model.init(jax.random.key(1), *args, **kwargs))
+  mngr = checkpoint.manager(os.path.join(tdir, "ckpt"), keep=1, save_every=1)
+  checkpoint.save(mngr, 1, TrainState.create(teacher, optax.identity(), use_ema=False), force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+
+  def nan_from_step_2(self, critic, student, batch, rng, step):
+    loss, metrics = DistributionMatching.critic_loss(self, critic, student, batch, rng, step)
+    return loss * jnp.where(step >= 2, jnp.nan, 1.0), metrics
+  monkeypatch.setattr(SelfForcingDMD, "critic_loss", nan_from_step_2)
+
+  workdir = str(tmp_path / "sf_dmd")
+  with pytest.raises(trainer.TrainingDiverged, match="train.nan_patience"):
+    trainer.train(cfg, workdir)
+  recipe = recipes.get_recipe("sf_dmd")(cfg, model)
+  params = model.init(jax.random.key(0), *args, **kwargs)
+  template = TrainState.create(params, recipe.tx, use_ema=True, extra=recipe.init_extra(jax.random.key(0), params))
+  mngr = checkpoint.manager(os.path.join(workdir, "ckpt"), keep=10, save_every=1)
+  assert sorted(mngr.all_steps()) == [1, 2, 3]   # step 4 (the second bad one) raised before its save
+  good, _ = checkpoint.restore(mngr, template, step=2)
+  last, _ = checkpoint.restore(mngr, template, step=3)
+  mngr.close()
+  assert int(good.nan_streak) == 0 and int(last.nan_streak) == 1 and int(last.extra["critic_skipped"]) == 1
+  for name in ("params", "ema", "opt_state"):
+    for a, b in zip(jax.tree.leaves(getattr(good, name)), jax.tree.leaves(getattr(last, name))):
+      np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(good.extra["critic"]), jax.tree.leaves(last.extra["critic"])):
+    np.testing.assert_array_equal(a, b)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((last.params, last.ema, last.extra)))
+  loaded, step = checkpoint.load_params(workdir, use_ema=True)
+  assert step == 3
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(good.ema)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------- the toy recipes end to end
+def _toy(path, arg):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("toy_cfg", os.path.join(os.path.dirname(__file__), "..", path))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,arg,stage,evaluated", [
+    ("configs/toy/rcm_bidirectional.py", "runlocal", "rcm", "eval_rcm"),
+    ("configs/toy/sf_dmd.py", "joint=0.01,runlocal", "rcm_joint", "eval_sf")])
+def test_toy_rcm_recipes_runlocal_complete(tmp_path, path, arg, stage, evaluated):
+  from rcm_jax.training import pipeline
+  cfg = _toy(path, arg)
+  results = pipeline.run_recipe(cfg, str(tmp_path))
+  trained = json.loads((tmp_path / stage / "metrics.json").read_text())
+  assert trained["step"] == 2 and trained["nan_skipped"] == 0
+  assert np.isfinite(trained["final_loss"]) and np.isfinite(trained["final_dmd_loss"])
+  assert np.isfinite(trained["final_scm_loss"]) and trained["final_critic_loss"] > 0
+  assert (tmp_path / evaluated / "metrics.json").exists() and evaluated in results
