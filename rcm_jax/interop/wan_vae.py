@@ -16,8 +16,9 @@ API (all arrays channels-last; jit with `config` static, it is a frozen hashable
 
 `encode` returns the posterior mean (Wan encodes with the mean, never a sample), normalised per channel as
 Wan does: `(mean - latents_mean) / latents_std`. `decode` un-normalises (`z * latents_std + latents_mean`),
-decodes and clips to [-1, 1] like diffusers. `init_params(rng, config)` gives random params (tiny models);
-`to_diffusers_state_dict(params)` is the inverse of the loader's key mapping.
+decodes and clips to [-1, 1] like diffusers. `encode_jit` / `decode_jit` are the same under jax.jit.
+`init_params(seed, config)` gives random params (tiny models); `to_diffusers_state_dict(params)` is the inverse
+of the loader's key mapping; `diffusers_shapes(config)` lists the keys and shapes a folder must hold.
 
 Temporal causality. Every 3x3x3 conv is causal in time: it sees the current frame and the two before it
 (zeros before the first frame). The first frame is special: the temporal down-samplers pass it through and
@@ -33,6 +34,13 @@ function `(x, cache) -> (y, cache)` where `cache=None` means "start of the strea
   computation (faster on small clips, memory of the whole clip).
 Both agree with diffusers within float32 rounding (tests). Only Wan2.1's layout is supported: a Wan2.2 VAE
 (`is_residual`, `patch_size`) is refused by the loader.
+
+Numerics and cost (measured on one H100, jax 0.11.2, random real-size weights): decoding 21 latent frames of
+60x104 to 81 frames of 480x832 (chunked) takes 0.99 s with `dtype="bfloat16"` (3.7 GiB temporaries) and 1.64 s
+in float32 (7.3 GiB), after a 15-18 s compile. On GPU, float32 convs use TF32 at jax's default precision: on
+the parity model that left errors of 4e-4 (encode) and 3e-3 (decode) against diffusers' CPU output, and
+`with jax.default_matmul_precision("highest")` brought them back to 7e-7 / 4e-6. bfloat16 compute: about
+7e-3 (encode) and 6e-2 (decode, max over pixels).
 
 Parameter names mirror diffusers' keys by one rule: numeric segments join the name before them and convs'
 `weight` becomes a transposed `kernel`, e.g. `decoder.up_blocks.0.upsamplers.0.time_conv.weight` [O, I, 3, 1, 1]
