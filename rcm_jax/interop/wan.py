@@ -107,7 +107,8 @@ def safetensors_files(src: str) -> list[str]:
     return files
   files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
   if not files:
-    other = sorted(os.path.basename(f) for f in glob.glob(os.path.join(src, "*")) if f.endswith((".pth", ".bin", ".pt")))
+    other = sorted(os.path.basename(f) for f in glob.glob(os.path.join(src, "*"))
+                   if f.endswith((".pth", ".bin", ".pt")))
     hint = f" (found {other}: convert them to safetensors first, rcm-jax has no torch)" if other else ""
     raise CheckpointError(f"--src {src} holds no .safetensors file{hint}.")
   return files

@@ -20,7 +20,7 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import save_file
 
 BASE = dict(num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=4, text_dim=32,
-            freq_dim=32, ffn_dim=64, num_layers=2, patch_size=(1, 2, 2), rope_max_seq_len=64)
+            freq_dim=32, ffn_dim=64, num_layers=2, patch_size=(1, 2, 2))
 CASES = {
     # Wan2.1 T2V switches: cross-attention norm on, q/k RMSNorm; single safetensors file.
     "t2v": dict(BASE, cross_attn_norm=True, qk_norm="rms_norm_across_heads"),
