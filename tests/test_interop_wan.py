@@ -131,6 +131,21 @@ def _write_safetensors(path, tensors):
     f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
 
 
+def test_original_layout_without_qk_norm(dit_ref, tmp_path):
+  """Original Wan configs with qk_norm=false have no norm_q / norm_k tensors (diffusers always has them)."""
+  src = dit_ref / "t2v" / "original"
+  sd = {k: np.asarray(v) for k, v in wan.read_safetensors(str(src / "diffusion_pytorch_model.safetensors")).items()
+        if ".norm_q." not in k and ".norm_k." not in k}
+  _write_safetensors(tmp_path / "model.safetensors", sd)
+  cfg = json.loads((src / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps(dict(cfg, qk_norm=False)))
+  config, params = wan.load(str(tmp_path))
+  assert not config.qk_norm and "norm_q" not in params["blocks_0"]["attn1"]
+  (tmp_path / "config.json").write_text(json.dumps(cfg))   # the config says qk_norm: the tensors are missing
+  with pytest.raises(wan.CheckpointError, match=r"missing keys \(8\)"):
+    wan.load(str(tmp_path))
+
+
 def test_safetensors_reader_bf16_and_errors(tmp_path):
   import ml_dtypes
   a = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
