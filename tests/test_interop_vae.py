@@ -22,19 +22,29 @@ from rcm_jax.interop import wan_vae as V
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_CONFIG = {"base_dim": 8, "z_dim": 4, "num_res_blocks": 2, "latents_mean": [0.4, -0.3, 0.2, -0.1],
               "latents_std": [1.7, 0.6, 2.2, 1.1]}
+# Other config switches, covered once (whole-clip only): a decoder width of its own, one residual block per stage.
+# (attn_scales is refused: diffusers 0.42.1 itself fails with a non-empty one.)
+SWITCHES_CONFIG = {"base_dim": 8, "decoder_base_dim": 12, "z_dim": 4, "num_res_blocks": 1,
+                   "latents_mean": [0.0, 0.5, -0.5, 1.0], "latents_std": [1.0, 2.0, 0.5, 1.5]}
+CASES = [{"name": "wan", "kwargs": REF_CONFIG, "video": [2, 9, 16, 24], "latent_frames": 3, "seed": 3},
+         {"name": "switches", "kwargs": SWITCHES_CONFIG, "video": [1, 5, 16, 16], "latent_frames": 2, "seed": 4}]
 # float32 rounding through ~40 conv layers: measured max errors 4e-7 (encode) and 4e-6 (decode) on values of
 # order 1; a wrong mapping or cache gives errors of order 0.1.
 ENC_TOL, DEC_TOL = 1e-5, 5e-5
 
 
 @pytest.fixture(scope="module")
-def ref(ref_python, tmp_path_factory):
+def refs(ref_python, tmp_path_factory):
   out = tmp_path_factory.mktemp("vae_ref")
-  cmd = [ref_python, os.path.join(ROOT, "tests", "ref", "vae_ref.py"), str(out), json.dumps(REF_CONFIG),
-         "--seed", "3", "--video", "2,9,16,24", "--latent_frames", "3"]
+  cmd = [ref_python, os.path.join(ROOT, "tests", "ref", "vae_ref.py"), str(out), json.dumps(CASES)]
   res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
-  return str(out), dict(np.load(out / "ref.npz"))
+  return {c["name"]: (str(out / c["name"]), dict(np.load(out / c["name"] / "ref.npz"))) for c in CASES}, str(out)
+
+
+@pytest.fixture(scope="module")
+def ref(refs):
+  return refs[0]["wan"]
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +91,22 @@ def test_decode_matches_diffusers(ref, loaded, chunked):
   assert _err(video, r["decoded"]) < DEC_TOL
 
 
-def test_real_wan2p1_layout_matches_diffusers(ref):
+def test_other_switches_match_diffusers(refs):
+  """decoder_base_dim, num_res_blocks=1: whole-clip encode and decode."""
+  folder, r = refs[0]["switches"]
+  cfg, params = V.load_vae(os.path.join(folder, "vae"))
+  assert cfg.decoder_base_dim == 12 and cfg.num_res_blocks == 1
+  assert params["decoder"]["conv_out"]["kernel"].shape == (3, 3, 3, 12, 3)
+  mean, logvar = jax.jit(lambda p, x: V.encode_moments(p, x, config=cfg, chunked=False))(params, r["video"])
+  assert _err(mean, r["mean"]) < ENC_TOL and _err(logvar, r["logvar"]) < ENC_TOL
+  video = V.decode_jit(params, r["latents"], config=cfg, chunked=False)
+  assert video.shape == r["decoded"].shape and np.mean(np.abs(r["decoded"]) < 1) > 0.9
+  assert _err(video, r["decoded"]) < DEC_TOL
+
+
+def test_real_wan2p1_layout_matches_diffusers(refs):
   """Every key and shape of the real Wan2.1 VAE (diffusers defaults, built on torch's meta device)."""
-  folder, _ = ref
-  with open(os.path.join(folder, "wan2p1_shapes.json")) as f:
+  with open(os.path.join(refs[1], "wan2p1_shapes.json")) as f:
     theirs = {k: tuple(v) for k, v in json.load(f).items()}
   ours = V.diffusers_shapes(V.WAN2P1)
   assert ours == theirs
@@ -175,6 +197,8 @@ def test_input_checks():
     V.decode(params, jnp.zeros((1, 2, 1, 1, 3)), config=V.TINY)
   with pytest.raises(UserError, match="temperal_downsample"):
     V.WanVAEConfig(temperal_downsample=(False, False, True))
+  with pytest.raises(UserError, match="attn_scales"):
+    V.WanVAEConfig(attn_scales=(0.5,))
 
 
 def test_bfloat16_compute_close_to_float32():

@@ -86,7 +86,7 @@ class WanVAEConfig:
   z_dim: int = 16                                         # latent channels
   dim_mult: tuple[int, ...] = (1, 2, 4, 4)                # channel multiplier per stage
   num_res_blocks: int = 2                                 # residual blocks per encoder stage (decoder: +1)
-  attn_scales: tuple[float, ...] = ()                     # encoder scales with an attention block (Wan: none)
+  attn_scales: tuple[float, ...] = ()                     # must be empty (diffusers' key; Wan2.1 has none)
   temperal_downsample: tuple[bool, ...] = (False, True, True)  # per down-sampling stage: also halve time?
   latents_mean: tuple[float, ...] = WAN2P1_LATENTS_MEAN   # per-channel latent mean (normalisation)
   latents_std: tuple[float, ...] = WAN2P1_LATENTS_STD     # per-channel latent std (normalisation)
@@ -119,6 +119,9 @@ class WanVAEConfig:
           f"{len(self.latents_mean)} and {len(self.latents_std)}.")
     if any(s <= 0 for s in self.latents_std):
       bad("latents_std", f"must be positive, got {self.latents_std}.")
+    if self.attn_scales:
+      bad("attn_scales", f"{self.attn_scales}: must be empty. Wan2.1 has no attention in the encoder stages, and "
+          "diffusers' AutoencoderKLWan (0.42.1) cannot run with it either, so there is nothing to match.")
     if self.dtype not in DTYPES:
       bad("dtype", f"{self.dtype!r} is not one of {DTYPES}.")
 
@@ -350,17 +353,13 @@ class Resample(nn.Module):
 
 
 def _encoder_layout(cfg: WanVAEConfig):
-  """The encoder's flat `down_blocks` list: ('res', out_dim) | ('attn', dim) | ('down2d'|'down3d', dim)."""
+  """The encoder's flat `down_blocks` list: ('res', out_dim) | ('down2d' | 'down3d', dim)."""
   dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
-  layers, scale = [], 1.0
-  for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:])):
-    for _ in range(cfg.num_res_blocks):
-      layers.append(("res", dout))
-      if scale in cfg.attn_scales:
-        layers.append(("attn", dout))
+  layers = []
+  for i, dout in enumerate(dims[1:]):
+    layers.extend([("res", dout)] * cfg.num_res_blocks)
     if i != len(cfg.dim_mult) - 1:
       layers.append(("down3d" if cfg.temperal_downsample[i] else "down2d", dout))
-      scale /= 2.0
   return dims, layers
 
 
@@ -406,8 +405,6 @@ class Encoder(nn.Module):
       name = f"down_blocks_{i}"
       if kind == "res":
         layer = ResidualBlock(d, dt, name=name)
-      elif kind == "attn":
-        layer = AttentionBlock(dt, name=name)
       else:
         layer = Resample("downsample3d" if kind == "down3d" else "downsample2d", d, dt, name=name)
       x, new[name] = layer(x, cache.get(name))
