@@ -187,6 +187,20 @@ def test_loader_reads_bf16(tmp_path):
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), want, loaded))
 
 
+def test_wan2p1_diffusers_config():
+  """The vae/config.json of Wan-AI/Wan2.1-T2V-*-Diffusers (its keys, as diffusers writes them) is WAN2P1."""
+  d = {"_class_name": "AutoencoderKLWan", "_diffusers_version": "0.33.0.dev0", "attn_scales": [], "base_dim": 96,
+       "dim_mult": [1, 2, 4, 4], "dropout": 0.0, "latents_mean": list(V.WAN2P1_LATENTS_MEAN),
+       "latents_std": list(V.WAN2P1_LATENTS_STD), "num_res_blocks": 2, "temperal_downsample": [False, True, True],
+       "z_dim": 16}
+  assert V.config_from_diffusers(d) == V.WAN2P1
+  assert V.config_from_diffusers({k: v for k, v in d.items() if k.startswith("_")}) == V.WAN2P1  # all defaults
+  assert V.WAN2P1.latent_shape((1, 81, 480, 832, 3)) == (1, 21, 60, 104, 16)
+  assert V.WAN2P1.video_shape((1, 21, 60, 104, 16)) == (1, 81, 480, 832, 3)
+  with pytest.raises(UserError, match="does not know"):
+    V.config_from_diffusers({**d, "some_new_switch": 1})
+
+
 def test_input_checks():
   params = V.init_params(0, V.TINY)
   with pytest.raises(UserError, match="1 \\+ 4k"):
