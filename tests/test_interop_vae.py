@@ -8,7 +8,6 @@ cached passes. We load the folder and must match in both our modes (chunked scan
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
