@@ -1,10 +1,12 @@
 """Chunk-by-chunk causal generation with a KV cache (Causal-rCM sections 4 SF-DMD and 6): the one rollout
-used by SF-DMD training, the "rollout" eval sampler and (later) streaming.
+used by SF-DMD training, the "rollout" eval sampler, streaming (`sample` job) and the play server.
 
 Owns: the static cache plan (`CachePlan`: which frame slots of the preallocated cache hold which block when
 each chunk is generated, rolling window with sink blocks, slots reused), the per-chunk step schedules and
 their checks, one chunk's denoising against the cache (`chunk_step`), a generator over chunks
-(`rollout_chunks`) and the whole video (`rollout`), plus `sample_videos` for the eval/sample jobs.
+(`rollout_chunks`) and the whole video (`rollout`), `sample_videos` for the eval/sample jobs, and the
+streaming generator `stream` (one jitted function per distinct chunk shape, optional int8 KV cache, and a
+no-KV-cache mode that recomputes the context every chunk).
 
 Cache: {"k", "v": [layers, B, S = cache_frames * tokens_per_frame, H, Dh]} zeros, updated with
 `dynamic_update_slice` (static shapes). Keys are cached post-RoPE ("post_rope") or pre-RoPE ("pre_rope", rotated
@@ -15,6 +17,15 @@ exit step's own K/V (NFE = steps). The last block is never written.
 
 Chunks are unrolled in Python (the first block may differ in size and schedule, and each chunk's mask is
 static); the steps within a chunk are a `fori_loop`, and the exit step may be traced (SF-DMD).
+
+Streaming (`stream`): a chunk's static part (`ChunkGeometry`: frames, mask, write or not) is separate from its
+dynamic part (`ChunkPositions`: RoPE frame positions, slot positions, write offset, all traced), so a stream
+compiles one function per distinct geometry: with a rolling window every steady-state chunk has the same one.
+int8 KV cache (`kv_cache_dtype="int8"`): k/v stored as int8 with one fp32 scale per token and head (absmax /
+127); dequantised inside the jitted chunk before the model call, the written rows quantised after it.
+No KV cache (`kv_cache=False`): every chunk re-runs the model over all earlier frames (clean outputs at t = 0,
+or the noisy exit-step inputs at their times) plus the chunk under `masks.block_causal` (window and sinks
+included): the same frames as the cached path, at O(frames) cost per chunk (a reference and a fallback).
 
 Gradients (SF-DMD): only the exit step's network call sees `params`; the steps before it (`prefix_params`),
 their inputs and every cache write are under stop_gradient.
@@ -30,7 +41,8 @@ import numpy as np
 
 from rcm_jax.diffusion import flow, samplers
 from rcm_jax.errors import UserError
-from rcm_jax.inference.causal_sample import SOLVERS, _Pattern, chunk_times, concat_batch, slice_cond
+from rcm_jax.inference.causal_sample import (PER_FRAME_CONDITIONS, SOLVERS, _Pattern, chunk_times, concat_batch,
+                                            slice_cond)
 from rcm_jax.models import masks
 
 CACHE_KEYS = ("post_rope", "pre_rope")
@@ -116,15 +128,45 @@ def make_plan(pattern, num_frames: int, cache_frames: int = 0, *, key: str = "ro
           + f"; raise {key} (or 0 = fit) or set causal.local_blocks / causal.sink_blocks.")
     capacity = int(cache_frames)
   else:
-    capacity = next(c for c in range(1, num_frames + 1) if _simulate(blocks, c, lb, sb) is not None)
+    capacity = next(c for c in range(_live_frames(blocks, lb, sb), num_frames + 1)
+                    if _simulate(blocks, c, lb, sb) is not None)
     sim = _simulate(blocks, capacity, lb, sb)
   return CachePlan(num_frames, capacity, lb, sb, blocks, *sim)
 
 
-def init_cache(model, plan: CachePlan, batch: int, tokens_per_frame: int, dtype=jnp.float32) -> dict:
+def _live_frames(blocks, local_blocks, sink_blocks) -> int:
+  """Lower bound of the cache size: the most frames that must be cached at once (first fit may need more)."""
+  best = 1
+  for i in range(1, len(blocks)):
+    best = max(best, sum(f1 - f0 for j, (f0, f1) in enumerate(blocks[:i])
+                         if _needed_later(j, i, local_blocks, sink_blocks)))
+  return best
+
+
+KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def init_cache(model, plan: CachePlan, batch: int, tokens_per_frame: int, dtype="float32") -> dict:
+  """{"k", "v": [layers, B, S, H, Dh]} zeros; int8 adds {"k_scale", "v_scale": fp32 [layers, B, S, H, 1]}."""
   cfg = model.config
   shape = (cfg.num_layers, batch, plan.cache_frames * tokens_per_frame, cfg.num_heads, cfg.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  if jnp.dtype(dtype) != jnp.int8:
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  ones = jnp.ones(shape[:-1] + (1,), jnp.float32)
+  return {"k": jnp.zeros(shape, jnp.int8), "v": jnp.zeros(shape, jnp.int8), "k_scale": ones, "v_scale": ones}
+
+
+def quantize_int8(x):
+  """Symmetric int8 per token and head: x [..., Dh] -> (q int8 [..., Dh], scale fp32 [..., 1]), x ~ q * scale.
+  |x - q * scale| <= scale / 2 = absmax / 254 elementwise."""
+  x = x.astype(jnp.float32)
+  absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+  return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+def dequantize_int8(q, scale, dtype=jnp.float32):
+  return (q.astype(jnp.float32) * scale).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -149,40 +191,72 @@ def _tpf(model, x):
   return (x.shape[2] // ph) * (x.shape[3] // pw)
 
 
-def _net(model, params, plan, i, x, t, cond, null, cache, *, cfg_scale, cache_keys, write):
-  """Model velocity on chunk i against the cache: x [B, n, H, W, C], t [] -> (v [B, n, H, W, C], new cache).
+@dataclasses.dataclass(frozen=True)
+class ChunkGeometry:
+  """The static part of one chunk's cached model call (hashable: the key of a stream's jitted chunk)."""
+  frames: int            # frames in the chunk
+  mask: object           # pallas_kernels.Mask [Lq, S + Lq] over keys [cache | chunk]
+  write: bool            # are the chunk's k/v written to the cache?
+
+
+def chunk_geometry(plan: CachePlan, i: int, tokens_per_frame: int) -> ChunkGeometry:
+  f0, f1 = plan.blocks[i]
+  return ChunkGeometry(f1 - f0, plan.mask(i, tokens_per_frame), plan.writes[i] is not None)
+
+
+def chunk_positions(plan: CachePlan, i: int, tokens_per_frame: int) -> dict:
+  """The dynamic part: frame_positions int32[n] (the chunk's RoPE frames), cache_positions int32[cache_frames]
+  (slots' frames, read with pre-RoPE keys), write_at int32[] (token offset of the write; 0 if none)."""
+  f0, f1 = plan.blocks[i]
+  return {"frame_positions": np.arange(f0, f1, dtype=np.int32),
+          "cache_positions": plan.slot_positions(i),
+          "write_at": np.int32((plan.writes[i] or 0) * tokens_per_frame)}
+
+
+def _cached_call(model, params, x, tt, cond, cache, *, geom, pos, cache_keys, write):
+  """model.apply of one chunk against the cache; an int8 cache is dequantised here and its written rows
+  quantised after the call. Returns (v, new cache)."""
+  int8 = "k_scale" in cache
+  fp = {k: dequantize_int8(cache[k], cache[k + "_scale"]) for k in "kv"} if int8 else cache
+  write = write and geom.write
+  v, new = model.apply(params, x, tt, **cond, kv_cache=fp, mask=geom.mask, frame_positions=pos["frame_positions"],
+                       cache_positions=pos["cache_positions"] if cache_keys == "pre_rope" else None,
+                       cache_write=pos["write_at"] if write else None)
+  if not int8 or not write:
+    return v, (cache if int8 else new)
+  rows = geom.frames * _tpf(model, x)
+  out = dict(cache)
+  for k in "kv":
+    written = jax.lax.dynamic_slice_in_dim(new[k], pos["write_at"], rows, axis=2)
+    q, scale = quantize_int8(written)
+    out[k] = jax.lax.dynamic_update_slice_in_dim(cache[k], q, pos["write_at"], axis=2)
+    out[k + "_scale"] = jax.lax.dynamic_update_slice_in_dim(cache[k + "_scale"], scale, pos["write_at"], axis=2)
+  return v, out
+
+
+def _net(model, params, x, t, cond, null, cache, *, geom, pos, cfg_scale, cache_keys, write):
+  """Model velocity on a chunk against the cache: x [B, n, H, W, C], t [] -> (v [B, n, H, W, C], new cache).
   CFG doubles the batch as [cond | null] (the cache then holds 2B rows)."""
   b, n = x.shape[:2]
-  f0, f1 = plan.blocks[i]
-  tpf = _tpf(model, x)
-  kw = dict(mask=plan.mask(i, tpf), frame_positions=np.arange(f0, f1),
-            cache_positions=plan.slot_positions(i) if cache_keys == "pre_rope" else None,
-            cache_write=None if (not write or plan.writes[i] is None) else plan.writes[i] * tpf)
+  call = partial(_cached_call, model, params, geom=geom, pos=pos, cache_keys=cache_keys, write=write)
   tt = jnp.full((b, n), t, jnp.float32)
   if cfg_scale == 1.0:
-    return model.apply(params, x, tt, **cond, kv_cache=cache, **kw)
-  both = concat_batch(cond, null)
-  v, cache = model.apply(params, jnp.concatenate([x, x]), jnp.concatenate([tt, tt]), **both, kv_cache=cache, **kw)
+    return call(x, tt, cond, cache)
+  v, cache = call(jnp.concatenate([x, x]), jnp.concatenate([tt, tt]), concat_batch(cond, null), cache)
   return samplers.cfg(v[:b], v[b:], cfg_scale), cache
 
 
-def chunk_step(model, params, cache, noise, cond, null, *, plan: CachePlan, i: int, times, solver="consistency",
-               cfg_scale=1.0, noisy_context=False, cache_keys="post_rope", rng=None, exit_step=None,
-               prefix_params=None, replay_backprop=False):
-  """Denoise block i: noise [B, n, H, W, C] (the block's frames), cond/null already sliced to the block.
+def _denoise(net, params, prefix_params, noise, times, *, solver, noisy_context, write, rng, exit_step,
+             replay_backprop):
+  """The steps of one chunk (shared by the cached and the recomputing paths).
 
-  times: the chunk's static schedule (n_steps + 1). exit_step: 1..n_steps (may be traced; default n_steps):
-  steps before it run with stop_gradient(prefix_params or params); the exit step's call
-  `x0 = x - t v_params(x, t)` keeps gradients and is the block's output. Returns (x0 [B, n, ...], new cache),
-  the cache stop-gradient'ed. rng: the chunk's key; step s uses the s-th split (as `causal_sample.sample`).
-  """
+  net(p, x, t, write) -> (v, state). Returns (x0, state after the chunk (stop-gradient'ed), x_exit: the exit
+  step's input, what a noisy context keeps)."""
   times = jnp.asarray(times, jnp.float32)
   n_steps = times.shape[0] - 1
   exit_step = n_steps if exit_step is None else exit_step
   sg = jax.lax.stop_gradient
-  cache = sg(cache)
   pre = sg(params if prefix_params is None else prefix_params)
-  net = partial(_net, model, plan=plan, i=i, cond=cond, null=null, cfg_scale=cfg_scale, cache_keys=cache_keys)
   key = jax.random.key(0) if rng is None else rng
   subs = []
   for _ in range(n_steps):
@@ -192,7 +266,7 @@ def chunk_step(model, params, cache, noise, cond, null, *, plan: CachePlan, i: i
   x = sg(noise.astype(jnp.float32) * times[0])
 
   def body(s, x):
-    v, _ = net(pre, x=x, t=times[s], cache=cache, write=False)
+    v, _ = net(pre, x, times[s], False)
     if solver == "consistency":
       eps = jax.random.normal(jax.random.wrap_key_data(subs[s]), x.shape, jnp.float32)
       return samplers.consistency_step(x, times[s], times[s + 1], v, eps)
@@ -202,15 +276,37 @@ def chunk_step(model, params, cache, noise, cond, null, *, plan: CachePlan, i: i
   t_exit = times[exit_step - 1]
 
   def exit_call(p, x):
-    v, c = net(p, x=x, t=t_exit, cache=cache, write=noisy_context)
+    v, c = net(p, x, t_exit, write and noisy_context)
     return flow.x0_from_velocity(x, t_exit, v), c
 
   if replay_backprop:   # rebuild this chunk's graph in the backward pass instead of storing it
     exit_call = jax.checkpoint(exit_call)
-  x0, new_cache = exit_call(params, x)
-  if not noisy_context and plan.writes[i] is not None:   # clean context: an extra t=0 pass, no grad
-    _, new_cache = net(pre, x=sg(x0), t=jnp.zeros((), jnp.float32), cache=cache, write=True)
-  return x0, sg(new_cache)
+  x0, state = exit_call(params, x)
+  if write and not noisy_context:   # clean context: an extra t=0 pass, no grad
+    _, state = net(pre, sg(x0), jnp.zeros((), jnp.float32), True)
+  return x0, sg(state), x
+
+
+def chunk_step(model, params, cache, noise, cond, null, *, plan: CachePlan, i: int, times, solver="consistency",
+               cfg_scale=1.0, noisy_context=False, cache_keys="post_rope", rng=None, exit_step=None,
+               prefix_params=None, replay_backprop=False, geom=None, pos=None):
+  """Denoise block i: noise [B, n, H, W, C] (the block's frames), cond/null already sliced to the block.
+
+  times: the chunk's static schedule (n_steps + 1). exit_step: 1..n_steps (may be traced; default n_steps):
+  steps before it run with stop_gradient(prefix_params or params); the exit step's call
+  `x0 = x - t v_params(x, t)` keeps gradients and is the block's output. Returns (x0 [B, n, ...], new cache),
+  the cache stop-gradient'ed. rng: the chunk's key; step s uses the s-th split (as `causal_sample.sample`).
+  geom/pos: the chunk's static geometry and (possibly traced) positions; default: from plan and i.
+  """
+  tpf = _tpf(model, noise)
+  geom = chunk_geometry(plan, i, tpf) if geom is None else geom
+  pos = chunk_positions(plan, i, tpf) if pos is None else pos
+  cache = jax.lax.stop_gradient(cache)
+  net = lambda p, x, t, write: _net(model, p, x, t, cond, null, cache, geom=geom, pos=pos, cfg_scale=cfg_scale,
+                                    cache_keys=cache_keys, write=write)
+  x0, cache, _ = _denoise(net, params, prefix_params, noise, times, solver=solver, noisy_context=noisy_context,
+                          write=geom.write, rng=rng, exit_step=exit_step, replay_backprop=replay_backprop)
+  return x0, cache
 
 
 # ----------------------------------------------------------------------------- whole rollout
@@ -281,3 +377,146 @@ def sample_videos(config, model, params, batch: dict, rng, *, num: int, num_step
                      noisy_context=bool(section.get("noisy_context", False)),
                      cache_keys=section.get("cache_keys", "post_rope"))
   return np.asarray(out)
+
+
+# ----------------------------------------------------------------------------- streaming
+class StreamError(UserError):
+  pass
+
+
+@dataclasses.dataclass
+class StreamChunk:
+  """One finished chunk of a stream: block `index`, frames [f0, f1), video [B, n, H, W, C] (device array),
+  seconds: wall time of its generation (ready on the device), compiled: did this chunk trigger a compile."""
+  index: int
+  f0: int
+  f1: int
+  video: jax.Array
+  seconds: float
+  compiled: bool
+
+
+_STREAM_STATIC = ("model", "geom", "times", "solver", "cfg_scale", "noisy_context", "cache_keys")
+
+
+def _stream_chunk_impl(model, params, cache, noise, cond, null, pos, rng, *, geom, times, solver, cfg_scale,
+                       noisy_context, cache_keys):
+  net = lambda p, x, t, write: _net(model, p, x, t, cond, null, cache, geom=geom, pos=pos, cfg_scale=cfg_scale,
+                                    cache_keys=cache_keys, write=write)
+  x0, cache, _ = _denoise(net, params, None, noise, times, solver=solver, noisy_context=noisy_context,
+                          write=geom.write, rng=rng, exit_step=None, replay_backprop=False)
+  return x0, cache
+
+
+_STREAM_CHUNK = {}
+
+
+def _stream_chunk_fn():
+  """The jitted cached chunk; the cache is donated (updated in place) where the backend supports it."""
+  donate = jax.default_backend() != "cpu"
+  if donate not in _STREAM_CHUNK:
+    _STREAM_CHUNK[donate] = jax.jit(_stream_chunk_impl, static_argnames=_STREAM_STATIC,
+                                    donate_argnames=("cache",) if donate else ())
+  return _STREAM_CHUNK[donate]
+
+
+@partial(jax.jit, static_argnames=("model", "mask", "times", "solver", "cfg_scale", "noisy_context"))
+def _recompute_chunk(model, params, ctx_x, ctx_t, noise, cond, null, rng, *, mask, times, solver, cfg_scale,
+                     noisy_context):
+  """No KV cache: chunk [B, n, ...] denoised with the model over [context frames ctx_x (times ctx_t) | chunk]
+  under the block-causal `mask`; cond/null cover all those frames. Returns (x0, the exit step's input)."""
+  f0 = ctx_x.shape[1]
+  b, n = noise.shape[:2]
+
+  def net(p, x, t, write):
+    xf = jnp.concatenate([ctx_x, x], axis=1)
+    tf = jnp.concatenate([ctx_t, jnp.full((b, n), t, jnp.float32)], axis=1)
+    fn = lambda xf, tf, c: model.apply(p, xf, tf, **c, mask=mask)[:, f0:]
+    if cfg_scale == 1.0:
+      return fn(xf, tf, cond), None
+    v = fn(jnp.concatenate([xf, xf]), jnp.concatenate([tf, tf]), concat_batch(cond, null))
+    return samplers.cfg(v[:b], v[b:], cfg_scale), None
+
+  x0, _, x_exit = _denoise(net, params, None, noise, times, solver=solver, noisy_context=noisy_context,
+                           write=False, rng=rng, exit_step=None, replay_backprop=False)
+  return x0, x_exit
+
+
+def _block_inputs(source, name: str, i: int, f0: int, f1: int):
+  """A dict of arrays covering every frame (sliced here) or a callable (i, f0, f1) -> the block's dict."""
+  if callable(source):
+    return source(i, f0, f1)
+  return slice_cond(source, f0, f1) if name != "noise" else source[:, f0:f1]
+
+
+def check_stream_conditions(model, cond_block: dict, key: str):
+  """An action-conditioned model must get per-frame actions; else a StreamError naming `key`."""
+  if model.config.num_actions > 0 and "actions" not in cond_block:
+    raise StreamError(f"the model is action-conditioned (num_actions={model.config.num_actions}) but no actions "
+                      f"were given: set {key} (one action per frame) or play it with `rcm_jax.main play`.")
+
+
+def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules, solver="consistency",
+           cfg_scale=1.0, noisy_context=False, cache_keys="post_rope", kv_cache=True, kv_cache_dtype="float32",
+           rng=None, actions_key="sample.actions"):
+  """Generator of `StreamChunk`s, each yielded as soon as its frames are ready.
+
+  noise: [B, T, H, W, C] (T = plan.num_frames) or a callable (i, f0, f1) -> the block's noise [B, n, H, W, C].
+  cond, null: condition dicts covering all T frames (per-frame keys sliced per block) or callables
+  (i, f0, f1) -> the block's dict (the play server's live actions). null=None: cond (unused at cfg_scale 1).
+  kv_cache=False: recompute the context each chunk (same frames). kv_cache_dtype: float32 | bfloat16 | int8.
+  Chunk i's rng is fold_in(rng, i), as in `rollout_chunks`.
+  """
+  import time
+
+  schedules = check_rollout_args(plan, schedules, solver, noisy_context, cache_keys)
+  if kv_cache_dtype not in KV_CACHE_DTYPES:
+    raise StreamError(f"kv_cache_dtype={kv_cache_dtype!r}: choose one of {KV_CACHE_DTYPES} "
+                      "(config key sample.kv_cache_dtype).")
+  max_len = model.config.rope_max_seq_len
+  if plan.num_frames > max_len:
+    raise StreamError(f"{plan.num_frames} frames exceed the model's RoPE table (rope_max_seq_len={max_len}); "
+                      "generate fewer frames (sample.num_frames / play.max_frames).")
+  rng = jax.random.key(0) if rng is None else rng
+  null = cond if null is None else null
+  pattern = dict(first_chunk_frames=plan.blocks[0][1],
+                 chunk_frames=max([f1 - f0 for f0, f1 in plan.blocks[1:]] or [1]),
+                 local_blocks=plan.local_blocks, sink_blocks=plan.sink_blocks)
+  chunk_fn = _stream_chunk_fn() if kv_cache else _recompute_chunk
+  cache, hist = None, None
+  for i, (f0, f1) in enumerate(plan.blocks):
+    x_i = jnp.asarray(_block_inputs(noise, "noise", i, f0, f1), jnp.float32)
+    c_i = jax.tree.map(jnp.asarray, _block_inputs(cond, "cond", i, f0, f1))
+    n_i = jax.tree.map(jnp.asarray, _block_inputs(null, "null", i, f0, f1))
+    check_stream_conditions(model, c_i, actions_key)
+    tpf = _tpf(model, x_i)
+    r_i = jax.random.fold_in(rng, i)
+    size = chunk_fn._cache_size()
+    start = time.perf_counter()
+    if kv_cache:
+      if cache is None:
+        cache = init_cache(model, plan, x_i.shape[0] * (1 if cfg_scale == 1.0 else 2), tpf, kv_cache_dtype)
+      pos = jax.tree.map(jnp.asarray, chunk_positions(plan, i, tpf))
+      x0, cache = chunk_fn(model, params, cache, x_i, c_i, n_i, pos, r_i, geom=chunk_geometry(plan, i, tpf),
+                           times=schedules[i], solver=solver, cfg_scale=cfg_scale, noisy_context=noisy_context,
+                           cache_keys=cache_keys)
+    else:
+      if hist is None:
+        b = x_i.shape[0]
+        hist = dict(x=jnp.zeros((b, 0) + x_i.shape[2:], jnp.float32), t=jnp.zeros((b, 0), jnp.float32),
+                    cond=slice_cond(c_i, 0, 0), null=slice_cond(n_i, 0, 0))
+      c_all, n_all = _append_frames(hist["cond"], c_i), _append_frames(hist["null"], n_i)
+      mask = masks.block_causal(f1, tpf, **pattern)
+      x0, x_exit = chunk_fn(model, params, hist["x"], hist["t"], x_i, c_all, n_all, r_i, mask=mask,
+                            times=schedules[i], solver=solver, cfg_scale=cfg_scale, noisy_context=noisy_context)
+      ctx, t_ctx = (x_exit, schedules[i][-2]) if noisy_context else (x0, 0.0)
+      hist = dict(x=jnp.concatenate([hist["x"], ctx], axis=1),
+                  t=jnp.concatenate([hist["t"], jnp.full(ctx.shape[:2], t_ctx, jnp.float32)], axis=1),
+                  cond=c_all, null=n_all)
+    x0 = jax.block_until_ready(x0)
+    yield StreamChunk(i, f0, f1, x0, time.perf_counter() - start, chunk_fn._cache_size() > size)
+
+
+def _append_frames(hist: dict, block: dict) -> dict:
+  """Per-frame conditions appended on the frame axis; the others replaced by the block's."""
+  return {k: jnp.concatenate([hist[k], v], axis=1) if k in PER_FRAME_CONDITIONS else v for k, v in block.items()}

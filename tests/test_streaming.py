@@ -1,0 +1,115 @@
+"""Streaming generation (rcm_jax/inference/rollout.py `stream`): KV cache vs no KV cache vs the rollout, rolling
+window past the training length, compiles per chunk shape, int8 KV cache error bound, bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rcm_jax.inference import rollout
+from rcm_jax.models.config import get_config
+from rcm_jax.models.wan import WanModel, init_params
+from rcm_jax.recipes.causal import BlockPattern
+
+CFG = get_config("tiny", num_classes=3, num_actions=3, num_layers=2)   # 2 layers: context K/V depend on depth
+B, H, W, C = 1, 4, 4, 4   # 2x2 patches -> 4 tokens per frame
+
+
+def _params(seed=0):
+  p = init_params(CFG, jax.random.key(seed))
+  leaves, tree = jax.tree.flatten(p)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return {"params": jax.tree.unflatten(tree, [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])}
+
+
+def _inputs(nf, seed):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  noise = jax.random.normal(k1, (B, nf, H, W, C))
+  cond = {"labels": jnp.ones((B, 1), jnp.int32), "actions": jax.random.randint(k2, (B, nf), 0, 3)}
+  null = {"labels": jnp.full((B, 1), 3, jnp.int32), "actions": jnp.full((B, nf), 3, jnp.int32)}
+  return noise, cond, null
+
+
+def _stream(pattern, nf, *, seed=0, num_steps=2, solver="consistency", cfg_scale=1.0, **kw):
+  model, params = WanModel(CFG), _params(seed)
+  noise, cond, null = _inputs(nf, seed + 5)
+  plan = rollout.make_plan(pattern, nf)
+  schedules = rollout.schedules_for(plan, solver, num_steps)
+  chunks = list(rollout.stream(model, params, noise, cond, null, plan=plan, schedules=schedules, solver=solver,
+                               cfg_scale=cfg_scale, rng=jax.random.key(seed + 9), **kw))
+  video = np.concatenate([np.asarray(c.video) for c in chunks], axis=1)
+  return video, chunks, plan, (model, params, noise, cond, null, schedules)
+
+
+@pytest.mark.parametrize("noisy_context", [False, True])
+def test_rolling_window_longer_than_cache_kv_equals_no_kv(noisy_context):
+  """7 frames through a 2-block window with 1 sink (a cache of 2 frames): the KV-cache stream and the
+  recomputing stream give the same frames, chunk by chunk as they are yielded; (clean) so does the SF-DMD rollout."""
+  pattern = BlockPattern(1, 1, local_blocks=2, sink_blocks=1)
+  seed = int(np.random.default_rng().integers(1000))
+  kv, chunks, plan, (model, params, noise, cond, null, schedules) = _stream(
+      pattern, 7, seed=seed, noisy_context=noisy_context)
+  assert plan.cache_frames == 2 and [c.index for c in chunks] == list(range(7))
+  assert all(c.video.shape == (B, 1, H, W, C) and c.seconds > 0 for c in chunks)
+  ref, _, _, _ = _stream(pattern, 7, seed=seed, noisy_context=noisy_context, kv_cache=False)
+  np.testing.assert_allclose(kv, ref, atol=3e-5, rtol=1e-5)
+  if noisy_context:
+    return
+  whole = rollout._rollout_jit(model, params, noise, cond, null, jax.random.key(seed + 9), plan=plan,
+                               schedules=schedules, solver="consistency", cfg_scale=1.0, noisy_context=False,
+                               cache_keys="post_rope")
+  np.testing.assert_allclose(kv, np.asarray(whole), atol=3e-5, rtol=1e-5)
+
+
+def test_chunkwise_euler_cfg_pre_rope_kv_equals_no_kv():
+  pattern = BlockPattern(1, 2, local_blocks=2, sink_blocks=1)
+  kw = dict(solver="euler", num_steps=2, cfg_scale=2.0, cache_keys="pre_rope")
+  kv, chunks, plan, _ = _stream(pattern, 7, **kw)
+  ref, _, _, _ = _stream(pattern, 7, kv_cache=False, **kw)
+  assert [(c.f0, c.f1) for c in chunks] == [(0, 1), (1, 3), (3, 5), (5, 7)] and plan.cache_frames == 3
+  np.testing.assert_allclose(kv, ref, atol=3e-5, rtol=1e-5)
+
+
+def test_one_compile_per_chunk_shape():
+  """Frame-wise, 1-block window + 1 sink, 8 chunks: the first chunk, the filling one, the steady state
+  and the unwritten last chunk compile; the steady-state chunks reuse one executable."""
+  pattern = BlockPattern(1, 1, local_blocks=2, sink_blocks=1)
+  _, chunks, plan, _ = _stream(pattern, 8, num_steps=1, seed=3)
+  geoms = {rollout.chunk_geometry(plan, i, 4) for i in range(len(plan.blocks))}
+  compiled = sum(c.compiled for c in chunks)
+  assert len(geoms) <= 4 < len(chunks)
+  assert compiled <= len(geoms)          # never more than one compile per distinct geometry (cache may be warm)
+  _, again, _, _ = _stream(pattern, 8, num_steps=1, seed=4)
+  assert not any(c.compiled for c in again)
+
+
+def test_int8_kv_cache_error_bound():
+  x = jax.random.normal(jax.random.key(int(np.random.default_rng().integers(1000))), (2, 3, 16, 2, 8)) * 3.0
+  q, scale = rollout.quantize_int8(x)
+  assert q.dtype == jnp.int8 and scale.shape == (2, 3, 16, 2, 1)
+  err = np.abs(np.asarray(rollout.dequantize_int8(q, scale), np.float64) - np.asarray(x, np.float64))
+  bound = np.abs(np.asarray(x, np.float64)).max(-1, keepdims=True) / 254
+  assert (err <= bound * (1 + 1e-5) + 1e-7).all()
+  # the stream: int8 cache frames stay close to the fp32-cache frames, and the int8 path is really taken
+  pattern = BlockPattern(1, 1, local_blocks=2, sink_blocks=1)
+  fp, _, _, _ = _stream(pattern, 5, seed=7)
+  i8, _, _, (model, _, noise, _, _, _) = _stream(pattern, 5, seed=7, kv_cache_dtype="int8")
+  cache = rollout.init_cache(model, rollout.make_plan(pattern, 5), 1, 4, "int8")
+  assert cache["k"].dtype == jnp.int8 and cache["k_scale"].shape[-1] == 1
+  np.testing.assert_allclose(fp[:, 0], i8[:, 0], atol=1e-6)    # the first chunk reads no cache
+  diff = np.abs(fp[:, 1:] - i8[:, 1:]).max()
+  assert 0 < diff < 0.05 * np.abs(fp).max(), diff
+
+
+def test_bad_input():
+  model, params = WanModel(CFG), _params()
+  noise, cond, _ = _inputs(3, 0)
+  plan = rollout.make_plan(BlockPattern(1, 1), 3)
+  sched = rollout.schedules_for(plan, "consistency", 1)
+  with pytest.raises(rollout.StreamError, match="sample.actions"):
+    next(rollout.stream(model, params, noise, {"labels": cond["labels"]}, plan=plan, schedules=sched))
+  with pytest.raises(rollout.StreamError, match="sample.kv_cache_dtype"):
+    next(rollout.stream(model, params, noise, cond, plan=plan, schedules=sched, kv_cache_dtype="fp8"))
+  long_plan = rollout.make_plan(BlockPattern(1, 1, local_blocks=2, sink_blocks=1), CFG.rope_max_seq_len + 1)
+  with pytest.raises(rollout.StreamError, match="rope_max_seq_len"):
+    next(rollout.stream(model, params, lambda i, a, b: noise[:, :1], cond, plan=long_plan,
+                        schedules=rollout.schedules_for(long_plan, "consistency", 1)))
