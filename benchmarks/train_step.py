@@ -2,7 +2,7 @@
 
   python3 benchmarks/train_step.py --out $OUT                        # one H100: 21 latent frames at 480p
   python3 benchmarks/train_step.py --out $OUT --remat full --frames 21 --recipes tf,tf_scm
-  .venv/bin/python benchmarks/train_step.py --tiny --out /tmp/ts    # CPU, seconds: the same code paths
+  .venv/bin/python benchmarks/train_step.py --tiny --out /tmp/ts    # CPU: the same code paths, tiny shapes
 
 What is timed is the code users run: each recipe comes from `rcm_jax.recipes`' registry, its update is the
 trainer's (`trainer.make_update`, or the recipe's own `update` for SF-DMD: critic steps + student step), placed
@@ -133,7 +133,7 @@ def model_flops(recipe, mcfg, frames: int, tpf: int, n_ctx: int, batch: int, ste
   elif name == "sf_dmd":
     n_b = frames * tpf
     f_b = fwd(n_b, n_b * n_b)                                         # bidirectional, full attention
-    plan = recipe.plan(jnp.zeros((1, frames)))
+    plan = recipe.plan(jax.ShapeDtypeStruct((batch, frames, 2 * tpf, 2, mcfg.in_channels), jnp.float32))
     exit_step = int(recipe.exit_step(step))
 
     def rollout(grad: bool) -> float:
@@ -257,7 +257,7 @@ def markdown(result: dict) -> str:
       continue
     gib = lambda b: f"{b / 2**30:.1f} GiB"
     lines.append(f"| {name} | {r['frames']}{' (reduced)' if r.get('reduced_from') else ''} | {r['video_tokens']} | "
-                 f"{r['median_step_s'] * 1e3:.0f} ms | {r['tokens_per_s']:.0f} | {r['model_tflop_per_step']:.1f} | "
+                 f"{r['median_step_s'] * 1e3:.0f} ms | {r['tokens_per_s']:.0f} | {r['model_tflop_per_step']:.3g} | "
                  f"{100 * r['mfu']:.1f}% | {gib(r['compiled_memory_bytes'].get('temp_size_in_bytes', 0))} | "
                  f"{gib(r['device_peak_bytes_so_far'])} | {r['compile_s']} s |")
   lines += ["", "Targets:"]
@@ -308,17 +308,19 @@ def main():
   ap.add_argument("--recipes", default=",".join(RECIPES))
   ap.add_argument("--frames", type=int, default=None, help="latent frames (default 21; --tiny: 4)")
   ap.add_argument("--min_frames", type=int, default=3, help="smallest frame count tried after an out-of-memory")
-  ap.add_argument("--chunk", default=None, help="causal pattern first,chunk frames (default 3,3; --tiny: 1,1)")
+  ap.add_argument("--chunk", default=None, help="causal pattern first,chunk frames (default 3,3; --tiny: 2,2)")
   ap.add_argument("--remat", default=None, help="none | full | dots_saveable | attention_only (default full; "
                                                 "--tiny: none)")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--iters", type=int, default=None, help="timed steps per recipe (default 5; --tiny: 2)")
-  ap.add_argument("--critic_steps", type=int, default=5, help="SF-DMD critic updates per student update (paper: 5)")
+  ap.add_argument("--critic_steps", type=int, default=None,
+                  help="SF-DMD critic updates per student update (default: the paper's 5; --tiny: 1)")
   ap.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                   help="the peak MFU divides by (H100 SXM bf16 dense: 989)")
   args = ap.parse_args()
   args.frames = args.frames or (4 if args.tiny else 21)
-  args.chunk = tuple(int(v) for v in (args.chunk or ("1,1" if args.tiny else "3,3")).split(","))
+  args.chunk = tuple(int(v) for v in (args.chunk or ("2,2" if args.tiny else "3,3")).split(","))
+  args.critic_steps = args.critic_steps or (1 if args.tiny else 5)
   args.remat = args.remat or ("none" if args.tiny else "full")
   args.iters = args.iters or (2 if args.tiny else 5)
   geo = shapes(args)
