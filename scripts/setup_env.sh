@@ -27,3 +27,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
   echo "$want" > "$stamp"
 fi
+# tests/test_play.py drives Debian's chromium headless through chromedriver (selenium is a test extra).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "== installing chromium and chromium-driver (the play page's browser test)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } ||
+    echo "warning: chromium install failed: tests/test_play.py skips (and fails under CI, RCM_REQUIRE_REF=1)" >&2
+fi

@@ -1,5 +1,7 @@
 """Streaming generation (rcm_jax/inference/rollout.py `stream`): KV cache vs no KV cache vs the rollout, rolling
 window past the training length, compiles per chunk shape, int8 KV cache error bound, bad input."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +115,39 @@ def test_bad_input():
   with pytest.raises(rollout.StreamError, match="rope_max_seq_len"):
     next(rollout.stream(model, params, lambda i, a, b: noise[:, :1], cond, plan=long_plan,
                         schedules=rollout.schedules_for(long_plan, "consistency", 1)))
+
+
+def test_sample_job_streams_pngs_longer_than_data_and_refuses_bad_input(tmp_path):
+  """The `sample` job's streaming path (rcm_jax/play/stream_job.py) on the camera-pan world: one PNG per chunk
+  as chunks finish, 10 frames from 4-frame data through a window, actions from sample.actions."""
+  import json
+  import ml_collections
+  from rcm_jax.data import worlds
+  from rcm_jax.play import stream_job
+  world = worlds.CameraPan({"size": 16, "frames": 4, "photo_height": 48, "step": 2})
+  raw = world.generate(2, 0, "test")
+  batch = {"video": raw["video"], "cond": world.model_inputs(raw), "null": world.null_inputs(raw)}
+  cfg = get_config("tiny", in_channels=3, out_channels=3, num_actions=5, cond_channels=4, patch_size=(1, 4, 4))
+  model, params = WanModel(cfg), {"params": init_params(cfg, jax.random.key(0))}
+  src = tmp_path / "stage"
+  src.mkdir()
+  (src / "config.json").write_text(json.dumps({"recipe": "sf_dmd"}))
+  config = ml_collections.ConfigDict(dict(
+      seed=0, causal=dict(first_chunk_frames=1, chunk_frames=3, local_blocks=2, sink_blocks=1),
+      sample=dict(steps=1, solver="consistency", cfg_scale=1.0, shift=1.0, noisy_context=True, batch_size=2,
+                  cache_keys="post_rope", cache_frames=0, kv_cache_dtype="int8", no_kv_cache=False,
+                  num_frames=10, actions="right,right,down")))
+  prepared = (world, model, params, str(src), raw, batch)
+  out = stream_job.sample_stream(config, str(tmp_path / "run"), prepared)
+  pngs = sorted(os.listdir(tmp_path / "run" / "samples" / "stream"))
+  assert pngs == [f"batch00_chunk{i:04d}.png" for i in range(4)]        # blocks (0,1) (1,4) (4,7) (7,10)
+  assert out["num_frames"] == 10 and out["cache_frames"] == 4 and len(out["chunks"]) == 4
+  assert os.path.exists(out["gif"]) and os.path.exists(out["mp4"])
+  assert np.load(tmp_path / "run" / "samples" / "samples.npz")["videos"].shape == (2, 10, 16, 16, 3)
+  with config.unlocked():
+    config.sample.actions = ""
+  with pytest.raises(stream_job.StreamConfigError, match="sample.actions"):   # 4 frames of actions, 10 asked
+    stream_job.sample_stream(config, str(tmp_path / "run2"), prepared)
+  (src / "config.json").write_text(json.dumps({"recipe": "rf"}))
+  with pytest.raises(stream_job.StreamConfigError, match="bidirectional"):
+    stream_job.sample_stream(config, str(tmp_path / "run3"), prepared)

@@ -463,7 +463,8 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
 
   noise: [B, T, H, W, C] (T = plan.num_frames) or a callable (i, f0, f1) -> the block's noise [B, n, H, W, C].
   cond, null: condition dicts covering all T frames (per-frame keys sliced per block) or callables
-  (i, f0, f1) -> the block's dict (the play server's live actions). null=None: cond (unused at cfg_scale 1).
+  (i, f0, f1) -> the block's dict (the play server's live actions; called once per chunk). null=None: cond
+  (unused at cfg_scale 1).
   kv_cache=False: recompute the context each chunk (same frames). kv_cache_dtype: float32 | bfloat16 | int8.
   Chunk i's rng is fold_in(rng, i), as in `rollout_chunks`.
   """
@@ -478,7 +479,6 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
     raise StreamError(f"{plan.num_frames} frames exceed the model's RoPE table (rope_max_seq_len={max_len}); "
                       "generate fewer frames (sample.num_frames / play.max_frames).")
   rng = jax.random.key(0) if rng is None else rng
-  null = cond if null is None else null
   pattern = dict(first_chunk_frames=plan.blocks[0][1],
                  chunk_frames=max([f1 - f0 for f0, f1 in plan.blocks[1:]] or [1]),
                  local_blocks=plan.local_blocks, sink_blocks=plan.sink_blocks)
@@ -487,7 +487,7 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
   for i, (f0, f1) in enumerate(plan.blocks):
     x_i = jnp.asarray(_block_inputs(noise, "noise", i, f0, f1), jnp.float32)
     c_i = jax.tree.map(jnp.asarray, _block_inputs(cond, "cond", i, f0, f1))
-    n_i = jax.tree.map(jnp.asarray, _block_inputs(null, "null", i, f0, f1))
+    n_i = c_i if null is None else jax.tree.map(jnp.asarray, _block_inputs(null, "null", i, f0, f1))
     check_stream_conditions(model, c_i, actions_key)
     tpf = _tpf(model, x_i)
     r_i = jax.random.fold_in(rng, i)

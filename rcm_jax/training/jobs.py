@@ -78,7 +78,11 @@ def sample(config, workdir: str, *, data_root: str | None = None) -> dict:
   if config.get("pipeline") == "wan_t2v":   # Wan2.1 text-to-video (configs/wan2p1/): its own job
     from rcm_jax.interop import t2v
     return t2v.sample(config, workdir)
-  world, model, params, src, raw, batch = _prepare_job(config, workdir, data_root, "sample")
+  prepared = _prepare_job(config, workdir, data_root, "sample")
+  if config.sample.get("sampler") == "rollout":   # causal students stream chunk by chunk, written as they come
+    from rcm_jax.play import stream_job
+    return stream_job.sample_stream(config, workdir, prepared)
+  world, model, params, src, raw, batch = prepared
   videos = _sample_all(config, model, params, batch, jax.random.key(config.seed + 1),
                        num_steps=config.sample.steps, cfg_scale=config.sample.cfg_scale,
                        chunk=config.sample.batch_size, desc="sample", job="sample")
