@@ -230,7 +230,7 @@ def test_joint_loss_is_the_tf_scm_loss_plus_lambda_times_the_sf_dmd_loss():
   np.testing.assert_allclose(float(got), float(want_scm) + lam * float(want_dmd), rtol=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.slow   # the update machinery's fast paths: the ratio and bidirectional update tests, the joint loss test
 def test_joint_rcm_updates_run_finite_with_one_teacher():
   model = _model()
   teacher, student = _params(model, 1), _params(model, 2)
@@ -352,7 +352,6 @@ def test_rcm_bad_keys_are_named():
 
 
 # ----------------------------------------------------------------------------- a diverging critic
-@pytest.mark.slow
 def test_a_diverging_critic_stops_the_trainer_with_the_last_good_checkpoint_on_disk(tmp_path, monkeypatch):
   """NaN enters the critic's loss from step 2 on: its updates are skipped, the step keeps the student too, and after
   train.nan_patience = 2 such steps the trainer raises TrainingDiverged. The newest checkpoint holds exactly the
