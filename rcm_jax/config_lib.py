@@ -134,6 +134,7 @@ def toy_base(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.cfg_scale = 2.0
   c.eval.num_videos = 64
   c.eval.batch_size = 64
+  c.eval.timing = True                       # a second pass per setting to report samples/s (compiled)
 
   if arg.runlocal:   # every config is a smoke test: seconds on a laptop
     c.model.dim, c.model.num_heads, c.model.num_layers, c.model.ffn_dim = 48, 2, 2, 96

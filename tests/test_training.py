@@ -197,29 +197,46 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def test_quickstart_recipe_runlocal_end_to_end(tmp_path):
-  p = _cli("recipe", "--config=configs/toy/quickstart.py:runlocal", workdir=str(tmp_path))
-  out, _ = p.communicate(timeout=600)
+  # the whole chain (teacher -> TF -> TF-sCM -> SF-DMD -> report) for one block pattern; the slow test runs both
+  arg = "--config=configs/toy/quickstart.py:runlocal,patterns=c1-1"
+  p = _cli("recipe", arg, workdir=str(tmp_path))
+  out, _ = p.communicate(timeout=900)
   assert p.returncode == 0, out
-  metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+  metrics = json.loads((tmp_path / "eval_teacher" / "metrics.json").read_text())
   assert set(metrics["calibration"]) >= {"ceiling", "floor"}
-  assert len(metrics["rows"]) == 2
-  assert (tmp_path / "metrics" / "metrics_vs_steps.png").exists()
-  assert (tmp_path / "samples" / "samples" / "samples_2step.mp4").exists()
+  assert len(metrics["rows"]) == 2 and set(metrics["samples_per_s"]) == set(metrics["rows"])
+  assert (tmp_path / "eval_teacher" / "metrics_vs_steps.png").exists()
+  assert (tmp_path / "eval_sf_c11" / "samples" / "eval_2step.gif").exists()
   assert any((tmp_path / "teacher" / "tb").iterdir())
-  # a second run skips the finished stages and changes nothing
-  stamp = (tmp_path / "metrics" / "metrics.json").stat().st_mtime
-  p = _cli("recipe", "--config=configs/toy/quickstart.py:runlocal", workdir=str(tmp_path))
+  table = (tmp_path / "report" / "table.md").read_text()
+  for row in ("teacher 2-step", "TF-sCM c1-1 1-step", "SF-DMD c1-1 2-step", "floor (untrained)", "ceiling"):
+    assert row in table, table
+  assert "| NFE | samples/s |" in table and "1+1 per chunk" in table   # the rollout's cache pass is counted
+  assert "report" in out and "SF-DMD c1-1 1-step" in out
+  # a second run skips the finished stages and changes nothing (the report is rebuilt)
+  stamp = (tmp_path / "eval_sf_c11" / "metrics.json").stat().st_mtime
+  p = _cli("recipe", arg, workdir=str(tmp_path))
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
-  assert (tmp_path / "metrics" / "metrics.json").stat().st_mtime == stamp
+  assert (tmp_path / "eval_sf_c11" / "metrics.json").stat().st_mtime == stamp
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_runlocal_both_patterns(tmp_path):
+  p = _cli("recipe", "--config=configs/toy/quickstart.py:runlocal", workdir=str(tmp_path))
+  out, _ = p.communicate(timeout=1800)
+  assert p.returncode == 0, out
+  table = (tmp_path / "report" / "table.md").read_text()
+  assert "SF-DMD c1-1 2-step" in table and "SF-DMD c2-3 2-step" in table
 
 
 def test_camera_pan_world_model_recipe_runlocal(tmp_path):
   # the action-conditioned world: actions per frame and the first frame (y) condition the teacher
-  p = _cli("recipe", "--config=configs/toy/quickstart.py:world=camera_pan,runlocal", workdir=str(tmp_path))
+  p = _cli("recipe", "--config=configs/toy/quickstart.py:world=camera_pan,runlocal,teacher_only",
+           workdir=str(tmp_path))
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
-  metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+  metrics = json.loads((tmp_path / "eval_teacher" / "metrics.json").read_text())
   assert set(metrics["calibration"]["ceiling"]) == {"camera/psnr", "camera/ssim", "camera/action_accuracy"}
   cfg = json.loads((tmp_path / "teacher" / "config.json").read_text())
   assert cfg["world"] == "camera_pan"

@@ -1,22 +1,86 @@
-"""The quickstart recipe: teacher -> samples -> metrics on a toy world, end to end on a laptop CPU.
+"""The quickstart recipe: the whole of Causal-rCM on a toy world, end to end on a laptop CPU.
 
   python -m rcm_jax.main recipe --config=configs/toy/quickstart.py --workdir=runs/quickstart
-Arguments: world=moving_digits|camera_pan, runlocal (seconds; what the tests run).
-Stages (each in <workdir>/<stage>): teacher (rf training), samples (16-step CFG samples of the teacher's
-EMA), metrics (the teacher at 4/8/16/50 steps beside the real-data ceiling and the untrained floor).
-Later issues append TF, TF-CM and SF-DMD stages to `stage_order`.
+Arguments: world=moving_digits|camera_pan, runlocal (seconds; what the tests run), patterns (the student block
+patterns, '+'-separated; default c1-1+c2-3 = frame-wise and chunk-wise), teacher_only (the first two stages).
+Stages (each in <workdir>/<stage>):
+  teacher           bidirectional rectified-flow teacher (rf)
+  eval_teacher      the teacher at 4/8/16/50 Euler steps with CFG
+  then per block pattern P (c11 = frame-wise c1-1, c23 = chunk-wise c2-3: 2 frames, then chunks of 3):
+  tf_P              TF diffusion from the teacher
+  tf_scm_P          TF-sCM from TF (the causal teacher TF, jax.jvp through the network)
+  sf_dmd_P          SF-DMD from TF-sCM: KV-cache rollouts, the bidirectional teacher with CFG, fake-score critic
+  eval_scm_P        the TF-sCM student, 1/2/4 steps (causal sampler, no cache)
+  eval_sf_P         the SF-DMD student, 1/2/4 steps (KV-cache rollout)
+  report            one table: every model above with NFE, toy metrics and samples/s, floor and ceiling
+Stage lengths are shorter than configs/toy/sf_dmd.py's so the chain fits a laptop; the settings of each stage
+are those of configs/toy/causal.py and sf_dmd.py.
 """
+import importlib.util
+import os
+
 import ml_collections
 
 from rcm_jax import config_lib
 
+LENGTHS = dict(tf=600, tf_scm=300, sf_dmd=150)   # training steps per stage (the teacher: toy_base's 1500)
+
+
+def _sf_dmd_config(arg: str):
+  spec = importlib.util.spec_from_file_location("_toy_sf_dmd", os.path.join(os.path.dirname(__file__), "sf_dmd.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, world="moving_digits", runlocal=False)
-  c = config_lib.toy_base(arg)
-  c.stages = ml_collections.ConfigDict()
-  c.stages.teacher = dict(command="train", recipe="rf")
-  c.stages.samples = dict(command="sample", source="teacher")
-  c.stages.metrics = dict(command="eval", source="teacher")
-  c.stage_order = ("teacher", "samples", "metrics")
+  arg = config_lib.parse_arg(arg, world="moving_digits", runlocal=False, patterns="c1-1+c2-3", teacher_only=False)
+  if arg.teacher_only:
+    c = config_lib.toy_base(arg)
+    c.stages = ml_collections.ConfigDict()
+    c.stages.teacher = dict(command="train", recipe="rf")
+    c.stages.eval_teacher = dict(command="eval", source="teacher")
+    c.stage_order = ("teacher", "eval_teacher")
+    return c
+  patterns = [p for p in arg.patterns.split("+") if p]
+  c = None
+  order, evals = ["teacher", "eval_teacher"], ["eval_teacher"]
+  for pattern in patterns:
+    sub = _sf_dmd_config(f"world={arg.world},pattern={pattern},runlocal={arg.runlocal}")
+    if c is None:   # shared sections and the teacher stages from the first pattern's config
+      c = sub
+      stages = ml_collections.ConfigDict()
+      stages.teacher = sub.stages.teacher
+      stages.eval_teacher = sub.stages.eval_teacher
+    tag = pattern.replace("-", "")
+    first, chunk = sub.causal.first_chunk_frames, sub.causal.chunk_frames
+    layout = dict(causal=dict(first_chunk_frames=first, chunk_frames=chunk))
+    rename = {"tf": f"tf_{tag}", "tf_scm": f"tf_scm_{tag}", "sf_dmd": f"sf_dmd_{tag}", "teacher": "teacher"}
+    for name in ("tf", "tf_scm", "sf_dmd"):
+      stage = sub.stages[name].to_dict()
+      for key in ("init_from", "teacher_from"):
+        if stage.get(key):
+          stage[key] = rename[stage[key]]
+      if not arg.runlocal:
+        stage.setdefault("train", {})["num_steps"] = LENGTHS[name]
+        if "optim" in stage:
+          stage["optim"]["warmup_steps"] = min(stage["optim"].get("warmup_steps", 100), LENGTHS[name] // 4)
+        if "optim_critic" in stage:
+          stage["optim_critic"]["warmup_steps"] = min(stage["optim_critic"].get("warmup_steps", 100),
+                                                      LENGTHS[name] // 4)
+      if arg.runlocal and name == "sf_dmd":   # the smoke test: one critic step per student step compiles faster
+        stage["dmd"] = {**stage["dmd"], "critic_steps": 1}
+      stages[rename[name]] = {**stage, **layout}
+    for name, src, label in (("eval_cm", "tf_scm", "TF-sCM"), ("eval_sf", "sf_dmd", "SF-DMD")):
+      stage = sub.stages[name].to_dict()
+      stage["source"] = rename[src]
+      stage["eval"] = {**stage["eval"], "label": f"{label} {pattern}", "steps": (1, 2, 4) if not arg.runlocal else (1, 2)}
+      stages[f"{name.replace('eval_cm', 'eval_scm')}_{tag}"] = {**stage, **layout}
+    order += [f"tf_{tag}", f"tf_scm_{tag}", f"sf_dmd_{tag}", f"eval_scm_{tag}", f"eval_sf_{tag}"]
+    evals += [f"eval_scm_{tag}", f"eval_sf_{tag}"]
+  stages.eval_teacher = dict(command="eval", source="teacher",
+                             eval=dict(label="teacher", steps=(4, 8, 16, 50) if not arg.runlocal else (1, 2)))
+  stages.report = dict(command="report", sources=tuple(evals))
+  c.stages = stages
+  c.stage_order = tuple(order) + ("report",)
   return c

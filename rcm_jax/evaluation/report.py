@@ -105,3 +105,39 @@ def format_table(rows: Mapping[str, Mapping[str, float]], calibration: Mapping[s
       cells.append(_fmt(calibration["ceiling"].get(n, float("nan"))))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def format_model_table(rows: Mapping[str, Mapping[str, float]], calibration: Mapping[str, Mapping[str, float]],
+                       extra: Mapping[str, Mapping[str, str]] | None = None) -> str:
+  """Markdown table with one line per model (rows: label -> metrics), the floor and ceiling lines first and
+  last, and `extra` columns (e.g. NFE, samples/s) per label; each cell also gives its % of the way from floor
+  to ceiling."""
+  extra = extra or {}
+  names = []
+  for r in list(rows.values()) + [calibration.get(k, {}) for k in ("floor", "ceiling")]:
+    names += [n for n in r if n not in names]
+  extra_cols = []
+  for e in extra.values():
+    extra_cols += [c for c in e if c not in extra_cols]
+  arrows = {True: " ↑", False: " ↓"}
+  header = ["model"] + extra_cols + [n + arrows.get(HIGHER_IS_BETTER.get(n), "") for n in names]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  floor, ceiling = calibration.get("floor", {}), calibration.get("ceiling", {})
+
+  def line(label, metrics, with_position):
+    cells = [label] + [str(extra.get(label, {}).get(c, "")) for c in extra_cols]
+    for n in names:
+      v = metrics.get(n, float("nan"))
+      cell = _fmt(v)
+      p = position(v, floor.get(n, float("nan")), ceiling.get(n, float("nan")))
+      if with_position and not math.isnan(p):
+        cell += f" ({100 * p:.0f}%)"
+      cells.append(cell)
+    return "| " + " | ".join(cells) + " |"
+
+  if floor:
+    lines.append(line("floor (untrained)", floor, False))
+  lines += [line(label, m, True) for label, m in rows.items()]
+  if ceiling:
+    lines.append(line("ceiling (held-out real)", ceiling, False))
+  return "\n".join(lines)

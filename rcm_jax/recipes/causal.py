@@ -235,6 +235,13 @@ def check_params_fit(params, model, key: str) -> None:
                             f"stages must share config.model and config.data.")
 
 
+def _is_causal_recipe(name: str) -> bool:
+  """Whether a stage's recipe trains a causal model (a bidirectional teacher's config may carry an unused
+  `causal` section when it comes from a causal recipe config)."""
+  from rcm_jax.recipes.base import RECIPES
+  return name in RECIPES and issubclass(RECIPES[name], CausalRecipe)
+
+
 def _check_stage_config(stage_dir: str, config, key: str, kind: str) -> None:
   """The stage's config.json must agree on the model and, for kind "causal" (or "causal_if_any" when the stage
   has a pattern: an init_from that is itself causal), on the block pattern."""
@@ -249,7 +256,7 @@ def _check_stage_config(stage_dir: str, config, key: str, kind: str) -> None:
     if a is not None and b is not None and a != b:
       raise RecipeConfigError(f"{key}={stage_dir} was trained with model.{name}={a!r}, this stage has {b!r}; "
                               "they must match.")
-  if kind == "causal_if_any" and "causal" in other:
+  if kind == "causal_if_any" and "causal" in other and _is_causal_recipe(other.get("recipe", "")):
     kind = "causal"
   if kind != "causal":
     return

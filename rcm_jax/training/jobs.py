@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import jax
 import numpy as np
@@ -50,6 +51,21 @@ def sampler_for(config, job: str):
     from rcm_jax.inference import rollout
     return functools.partial(rollout.sample_videos, job=job)
   return setup_lib.sample_videos
+
+
+def nfe_label(config, job: str, steps: int) -> str:
+  """Network evaluations of one sample: per video (bidirectional), per chunk (causal samplers).
+
+  CFG doubles every call. The KV-cache rollout with clean context adds a t=0 pass per chunk to write the cache
+  (noisy context reuses the last step's K/V); the cache-free causal sampler re-encodes the context inside each
+  call, so it needs no extra pass."""
+  sampler = config[job].get("sampler", "bidirectional")
+  cfg = 2 if config[job].get("cfg_scale", 1.0) != 1 else 1
+  if sampler == "bidirectional":
+    return f"NFE {steps * cfg}"
+  if sampler == "rollout" and not config[job].get("noisy_context", False):
+    return f"NFE {steps * cfg}+1 per chunk"
+  return f"NFE {steps * cfg} per chunk"
 
 
 def _sample_all(config, model, params, batch, rng, *, num_steps, cfg_scale, chunk: int, desc: str,
@@ -110,20 +126,31 @@ def evaluate(config, workdir: str, *, data_root: str | None = None) -> dict:
   floor_videos = _sample_all(config, model, untrained, batch, rng, num_steps=min(config.eval.steps),
                              cfg_scale=config.eval.cfg_scale, chunk=config.eval.batch_size, desc="floor")
   calibration = evaluation.calibrate(world, meta=meta, real=raw["video"], floor=floor_videos, seed=config.seed)
+  speed = {}
   for steps in config.eval.steps:
-    videos = _sample_all(config, model, params, batch, rng, num_steps=steps, cfg_scale=config.eval.cfg_scale,
-                         chunk=config.eval.batch_size, desc=f"eval {steps}-step")
-    rows[f"{config.eval.label} {steps}-step (NFE {steps * (2 if config.eval.cfg_scale != 1 else 1)})"] = \
-        evaluation.evaluate(world, videos, meta)
+    sample = functools.partial(_sample_all, config, model, params, batch, rng, num_steps=steps,
+                               cfg_scale=config.eval.cfg_scale, chunk=config.eval.batch_size,
+                               desc=f"eval {steps}-step")
+    videos = sample()
+    row = f"{config.eval.label} {steps}-step ({nfe_label(config, 'eval', steps)})"
+    rows[row] = evaluation.evaluate(world, videos, meta)
+    if config.eval.get("timing", True):   # a second, compiled pass: samples/s without compilation
+      t0 = time.perf_counter()
+      jax.block_until_ready(sample())
+      speed[row] = videos.shape[0] / (time.perf_counter() - t0)
     write_video(os.path.join(samples_dir, f"eval_{steps}step.gif"), videos[:16])
   write_video(os.path.join(samples_dir, "real.gif"), raw["video"][:16])
   write_video(os.path.join(samples_dir, "untrained.gif"), floor_videos[:16])
   table = evaluation.format_table(rows, calibration)
+  if speed:
+    table += f"\n\nSampling speed ({jax.devices()[0].device_kind}, {config.eval.batch_size} videos a call, " \
+             "compiled):\n" + "\n".join(f"- {r}: {v:.1f} samples/s" for r, v in speed.items())
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(table + "\n")
   plot = _plot_vs_steps(config, rows, calibration, os.path.join(workdir, "metrics_vs_steps.png"))
   print(table)
-  result = {"source": src, "rows": rows, "calibration": calibration, "table": os.path.join(workdir, "table.md"),
+  result = {"source": src, "rows": rows, "calibration": calibration, "samples_per_s": speed,
+            "table": os.path.join(workdir, "table.md"),
             "plot": plot, "samples": samples_dir}
   write_metrics(workdir, result)
   return result

@@ -17,7 +17,7 @@ from absl import logging
 
 from rcm_jax.training import generate, jobs, trainer
 
-COMMANDS = ("train", "sample", "eval", "generate")
+COMMANDS = ("train", "sample", "eval", "generate", "report")
 
 
 def stage_config(config, name: str, workdir: str) -> ml_collections.ConfigDict:
@@ -32,7 +32,7 @@ def stage_config(config, name: str, workdir: str) -> ml_collections.ConfigDict:
     del base[key]
   with base.unlocked():
     for key, value in stage.items():
-      if key in ("command", "source"):
+      if key in ("command", "source", "sources"):
         continue
       if isinstance(value, ml_collections.ConfigDict) and key in base:
         base[key].update(value.to_dict())
@@ -58,16 +58,46 @@ def _done(stage_dir: str, cfg, command: str) -> bool:
   path = os.path.join(stage_dir, "metrics.json")
   if not os.path.exists(path):
     return False
+  if command == "report":   # cheap, and its inputs may have changed: always rebuilt
+    return False
   if command != "train":
     return True
   with open(path) as f:
     return json.load(f).get("step", -1) >= cfg.train.num_steps
 
 
+def report(config, name: str, workdir: str) -> dict:
+  """A `report` stage: one table of every model scored by the eval stages in `stages.<name>.sources`, one line
+  per model and sampler setting, with its NFE and samples/s, between the first source's floor and ceiling."""
+  from rcm_jax.evaluation.report import format_model_table
+  rows, extra, calibration = {}, {}, None
+  for src in config.stages[name].sources:
+    with open(os.path.join(workdir, src, "metrics.json")) as f:
+      result = json.load(f)
+    calibration = calibration or result["calibration"]
+    speed = result.get("samples_per_s", {})
+    for label, metrics in result["rows"].items():
+      model, _, nfe = label.rpartition(" (")
+      rows[model] = metrics
+      extra[model] = {"NFE": nfe.rstrip(")"), "samples/s": f"{speed[label]:.1f}" if label in speed else ""}
+  table = format_model_table(rows, calibration, extra)
+  out_dir = os.path.join(workdir, name)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "table.md"), "w") as f:
+    f.write(table + "\n")
+  print(f"\n== {name}: every model of this recipe on the held-out conditions\n{table}\n", flush=True)
+  return {"table": os.path.join(out_dir, "table.md"), "rows": rows, "calibration": calibration}
+
+
 def run_recipe(config, workdir: str) -> dict:
   order = list(config.stage_order)
   for name in order:   # check every stage before running any
     stage_config(config, name, workdir)
+    if config.stages[name].command == "report":
+      missing = [s for s in config.stages[name].get("sources", ()) if s not in order[:order.index(name)]]
+      if missing or not config.stages[name].get("sources"):
+        raise ValueError(f"stages.{name}.sources={tuple(config.stages[name].get('sources', ()))}: list eval "
+                         f"stages that run before it in stage_order (not found earlier: {missing}).")
   data_root = os.path.join(workdir, "data")
   results = {}
   for i, name in enumerate(order):
@@ -80,6 +110,9 @@ def run_recipe(config, workdir: str) -> dict:
         results[name] = json.load(f)
       continue
     print(f"== stage {i + 1}/{len(order)}: {name} ({command})", flush=True)
+    if command == "report":
+      results[name] = report(config, name, workdir)
+      continue
     fn = {"train": trainer.train, "sample": jobs.sample, "eval": jobs.evaluate, "generate": generate.generate}[command]
     results[name] = fn(cfg, stage_dir, data_root=data_root)
     if command == "train" and "interrupted_at" in results[name]:

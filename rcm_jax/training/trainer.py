@@ -115,7 +115,6 @@ def train(config, workdir: str, *, data_root: str | None = None) -> dict[str, An
   world = setup_lib.make_world(config)
   data_root = data_root or os.path.join(workdir, "data")
   train_path = setup_lib.ensure_data(config, world, data_root, split="train")
-  writer = Writer(workdir)
 
   # ---------------------------------------------------------------- model, recipe, state
   probe = setup_lib.first_batch(config, world, train_path)
@@ -151,6 +150,7 @@ def train(config, workdir: str, *, data_root: str | None = None) -> dict[str, An
   frozen = parallel.place(plan, recipe.frozen_params())
   batches = setup_lib.batches(config, world, train_path, start_step=start)
   profile = setup_lib.profile_window(config.train.get("profile", ""))
+  writer = Writer(workdir)   # after every check above: a refused stage leaves no open event file behind
 
   # ---------------------------------------------------------------- the loop
   t0, last = time.time(), {}

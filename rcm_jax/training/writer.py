@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 
 import imageio.v3 as iio
 import jax
@@ -63,7 +64,8 @@ class Writer:
     for k, v in metrics.items():
       self._tb.add_scalar(k, float(v), step)
     with open(os.path.join(self.logdir, "losses.jsonl"), "a") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
+      f.write(json.dumps({"step": int(step), "wall": round(time.time(), 3),   # wall: seconds per step
+                          **{k: float(v) for k, v in metrics.items()}}) + "\n")
 
   def video(self, step: int, tag: str, videos, fps: int = 4) -> None:
     if not self.enabled:
