@@ -13,8 +13,8 @@ Stages (each in <workdir>/<stage>):
   eval_scm_P        the TF-sCM student, 1/2/4 steps (causal sampler, no cache)
   eval_sf_P         the SF-DMD student, 1/2/4 steps (KV-cache rollout)
   report            one table: every model above with NFE, toy metrics and samples/s, floor and ceiling
-Stage lengths are shorter than configs/toy/sf_dmd.py's so the chain fits a laptop; the settings of each stage
-are those of configs/toy/causal.py and sf_dmd.py.
+Stage lengths (LENGTHS) and the SF-DMD critic ratio (CRITIC_STEPS = 2) are below configs/toy/sf_dmd.py's so the
+chain fits a laptop; every other setting of each stage is that of configs/toy/causal.py and sf_dmd.py.
 """
 import importlib.util
 import os
@@ -23,7 +23,8 @@ import ml_collections
 
 from rcm_jax import config_lib
 
-LENGTHS = dict(tf=600, tf_scm=300, sf_dmd=150)   # training steps per stage (the teacher: toy_base's 1500)
+LENGTHS = dict(tf=300, tf_scm=200, sf_dmd=100)   # training steps per stage (the teacher: toy_base's 1500)
+CRITIC_STEPS = 2   # fake-score updates per SF-DMD student update (paper and configs/toy/sf_dmd.py: 5); 1 in runlocal
 
 
 def _sf_dmd_config(arg: str):
@@ -68,8 +69,8 @@ def get_config(arg=None):
         if "optim_critic" in stage:
           stage["optim_critic"]["warmup_steps"] = min(stage["optim_critic"].get("warmup_steps", 100),
                                                       LENGTHS[name] // 4)
-      if arg.runlocal and name == "sf_dmd":   # the smoke test: one critic step per student step compiles faster
-        stage["dmd"] = {**stage["dmd"], "critic_steps": 1}
+      if name == "sf_dmd":   # fewer critic steps keep the laptop run short (runlocal: 1, compiles faster)
+        stage["dmd"] = {**stage["dmd"], "critic_steps": 1 if arg.runlocal else CRITIC_STEPS}
       stages[rename[name]] = {**stage, **layout}
     for name, src, label in (("eval_cm", "tf_scm", "TF-sCM"), ("eval_sf", "sf_dmd", "SF-DMD")):
       stage = sub.stages[name].to_dict()
