@@ -65,7 +65,7 @@ def get_config(arg=None):
   # streaming (sample.sampler="rollout": rcm_jax/play/stream_job.py) and the play server (rcm_jax/play/server.py)
   c.sample.update(dict(cache_keys="post_rope", cache_frames=0, num_frames=0, kv_cache_dtype="float32",
                        no_kv_cache=False, actions=""))
-  c.play = ml_collections.ConfigDict(dict(max_frames=512, image_index=0, fps=8.0))
+  c.play = ml_collections.ConfigDict(dict(max_frames=512, image_index=0, fps=8.0, local_blocks=4, sink_blocks=1))
 
   steps = dict(tf=1000, cm=500) if not arg.runlocal else dict(tf=4, cm=4)
   cm_name = OBJECTIVES[arg.objective]

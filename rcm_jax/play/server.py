@@ -12,7 +12,9 @@ frame takes the next queued action, or "stay" when the queue is empty, so the wo
 key is pressed. Frame 0 of an episode is the start crop (its action is ignored, as in the world). Each event
 carries the chunk's frames (PNG, base64), the actions each frame used and the chunk's generation latency.
 Generation starts when the first page connects. An episode ends after play.max_frames frames (the plan's RoPE
-positions) and a new one starts from the same view.
+positions) and a new one starts from the same view. play.local_blocks / play.sink_blocks (if local_blocks > 0)
+replace causal.local_blocks / sink_blocks: a rolling window keeps the cache bounded and the steady-state chunk
+compiled once; without one every chunk has a new cache geometry (a compile per chunk).
 """
 from __future__ import annotations
 
@@ -85,8 +87,11 @@ class ModelBackend:
                       "(config argument world=camera_pan).")
     self.world, self.model, self.params, self.image_index, self.seed = world, model, params, image_index, seed
     self.settings = stream_job.stream_settings(config)
-    self.plan, self.schedules = stream_job.make_stream_plan(config, int(config.play.max_frames),
-                                                           key="play.max_frames", round_down=True)
+    play = config.play
+    window = ({"local_blocks": int(play.local_blocks), "sink_blocks": int(play.get("sink_blocks", 0))}
+              if int(play.get("local_blocks", 0)) else None)   # a bounded cache: one compile for the steady state
+    self.plan, self.schedules = stream_job.make_stream_plan(config, int(play.max_frames), key="play.max_frames",
+                                                           round_down=True, window=window)
     self.start = start_origin(world, image_index)
     self.first = world.crop(image_index, self.start[None])[0]           # [H, W, C]
     self.chunk_frames = max(f1 - f0 for f0, f1 in self.plan.blocks)

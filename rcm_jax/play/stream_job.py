@@ -60,10 +60,11 @@ def stream_settings(config, section: str = "sample") -> dict:
 
 
 def make_stream_plan(config, num_frames: int, section: str = "sample", *, key: str = "sample.num_frames",
-                     round_down: bool = False):
-  """(plan, schedules) of a stream of `num_frames` under config.causal's block pattern. A count that is not
-  first_chunk_frames + k * chunk_frames is rounded down (round_down) or refused, naming `key`."""
-  pattern = _Pattern(config.get("causal") or {})
+                     round_down: bool = False, window: dict | None = None):
+  """(plan, schedules) of a stream of `num_frames` under config.causal's block pattern (window: overrides of
+  local_blocks / sink_blocks). A count that is not first_chunk_frames + k * chunk_frames is rounded down
+  (round_down) or refused, naming `key`."""
+  pattern = _Pattern({**dict(config.get("causal") or {}), **(window or {})})
   first, chunk = pattern.first_chunk_frames, pattern.chunk_frames
   fits = first + max(0, (num_frames - first) // chunk) * chunk
   if round_down and num_frames >= first:

@@ -1,0 +1,178 @@
+"""Streaming generation speed of a Wan2.1-1.3B-shaped causal DiT (random weights) through `rollout.stream`.
+
+  python benchmarks/streaming.py --out $OUT                       # GPU: the full grid, attention impl pallas
+  python benchmarks/streaming.py --out $OUT --impl cudnn,xla      # other attention implementations
+  python benchmarks/streaming.py --out /tmp/stream_tiny --tiny    # the same code on CPU in seconds
+  python benchmarks/streaming.py --out $OUT --profile             # + a jax.profiler trace of one steady chunk
+
+What it times (DiT only: no VAE decoding, no text encoder; the text embeddings are random [1, 512, 4096]):
+81 RGB frames = 21 latent frames of 60 x 104 x 16 (1560 tokens a frame after the 2x2 patch), bf16 compute,
+bf16 params, jitted (one executable per distinct chunk geometry, compiled in a warm-up stream first). For each
+attention impl x pattern (frame-wise c1-1: 21 chunks of 1 frame; chunk-wise c3-3: 7 chunks of 3 frames) x
+steps (1, 2, 4; the paper's consistency schedule: the first chunk always takes 4 steps) x context (clean: an
+extra t=0 pass writes the cache; noisy: the exit step's K/V): first-chunk latency, mean next-chunk latency,
+the whole video's wall time, FPS (81 RGB frames / wall time), and the FLOP count of the same calls with its
+limit at --peak_tflops (798: the bf16 matmul rate measured on the project's H100), printed as a fraction.
+
+FLOPs (counted for the calls actually made): per call on a chunk of Lq tokens that sees Lk keys (visible cache +
+itself), per layer: q/k/v/o projections 8 Lq D^2, cross-attention q/o 4 Lq D^2 and k/v of the text 4 Lc D^2,
+self-attention 4 Lq Lk D, cross-attention 4 Lq Lc D, MLP 4 Lq D F; plus the text embedder 2 Lc (T D + D^2).
+At Wan2.1-1.3B shape this gives (c3-3): 2-step noisy 431 TFLOP (limit 150 FPS at 798 TFLOP/s), 4-step clean
+955 TFLOP (68 FPS). The issue's 396 / 990 TFLOP assume 2 steps on the first chunk too (the paper's schedule
+gives it 4) and a cache pass after the last chunk (never read, so never run here).
+cudnn: `rcm_jax.models.attention` takes no mask with impl="cudnn", and a KV-cache chunk always passes one (the
+chunk-vs-cache visibility), so cudnn rows record the error until that entry point forwards the mask.
+Writes <out>/streaming.json (every row, the device, the command) and <out>/streaming.md (table lines).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rcm_jax.inference import rollout  # noqa: E402
+from rcm_jax.models.config import get_config  # noqa: E402
+from rcm_jax.models.wan import WanModel, init_params  # noqa: E402
+from rcm_jax.recipes.causal import BlockPattern  # noqa: E402
+
+RGB_FRAMES_PER_LATENT = 81 / 21   # Wan's VAE: 1 + 4 (T - 1) RGB frames for T latent frames
+
+
+def shapes(tiny: bool) -> dict:
+  if tiny:
+    return dict(size="tiny", overrides=dict(dim=64, num_heads=2, num_layers=2, ffn_dim=128, in_channels=4,
+                                            out_channels=4, text_dim=32, freq_dim=32),
+                frames=4, latent_hw=(8, 8), text_tokens=8, patterns={"framewise": (1, 1), "chunkwise": (2, 2)})
+  return dict(size="wan_1p3b", overrides={}, frames=21, latent_hw=(60, 104), text_tokens=512,
+              patterns={"framewise": (1, 1), "chunkwise": (3, 3)})
+
+
+def call_flops(cfg, lq: int, lk: int, lc: int) -> float:
+  d, f, layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
+  per_layer = 8 * lq * d * d + 4 * lq * d * d + 4 * lc * d * d + 4 * lq * lk * d + 4 * lq * lc * d + 4 * lq * d * f
+  return layers * per_layer + 2 * lc * (cfg.text_dim * d + d * d)
+
+
+def video_flops(cfg, plan, schedules, tpf: int, lc: int, noisy_context: bool) -> float:
+  """FLOPs of every network call of one stream (visible keys only)."""
+  total = 0.0
+  for i, (f0, f1) in enumerate(plan.blocks):
+    lq = (f1 - f0) * tpf
+    mask = plan.mask(i, tpf)                    # every query row sees the same keys: visible cache + the chunk
+    visible = round(mask.density() * mask.shape[1])
+    calls = len(schedules[i]) - 1 + (0 if noisy_context or plan.writes[i] is None else 1)
+    total += calls * call_flops(cfg, lq, visible, lc)
+  return total
+
+
+def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats, profile_dir=None,
+            kv_dtype="bfloat16"):
+  first, chunk = sh["patterns"][pattern_name]
+  plan = rollout.make_plan(BlockPattern(first, chunk), sh["frames"])
+  schedules = rollout.schedules_for(plan, "consistency", steps)
+  h, w = sh["latent_hw"]
+  tpf = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+  key = jax.random.key(0)
+  noise = jax.random.normal(key, (1, sh["frames"], h, w, cfg.in_channels), jnp.float32)
+  cond = {"context": jax.random.normal(jax.random.fold_in(key, 1), (1, sh["text_tokens"], cfg.text_dim),
+                                       jnp.bfloat16)}
+  kw = dict(plan=plan, schedules=schedules, noisy_context=context == "noisy", rng=key, kv_cache_dtype=kv_dtype)
+
+  def one():
+    t0 = time.perf_counter()
+    chunks = list(rollout.stream(model, params, noise, cond, **kw))
+    return chunks, time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  warm, _ = one()                      # compiles every distinct chunk geometry
+  compile_s = time.perf_counter() - t0
+  runs = [one() for _ in range(repeats)]
+  chunks, wall = min(runs, key=lambda r: r[1])
+  if profile_dir:
+    os.makedirs(profile_dir, exist_ok=True)
+    steady = min(2, len(plan.blocks) - 1)
+    with jax.profiler.trace(profile_dir):
+      for ch in rollout.stream(model, params, noise, cond, **kw):
+        if ch.index == steady:
+          break
+  flops = video_flops(cfg, plan, schedules, tpf, sh["text_tokens"], context == "noisy")
+  return dict(impl=impl, pattern=pattern_name, chunks=len(plan.blocks), chunk_frames=chunk, steps=steps,
+              context=context, first_chunk_ms=1000 * chunks[0].seconds,
+              next_chunk_ms=1000 * float(np.mean([c.seconds for c in chunks[1:]])) if len(chunks) > 1 else None,
+              video_s=wall, latent_fps=sh["frames"] / wall, rgb_fps=sh["frames"] * RGB_FRAMES_PER_LATENT / wall,
+              tflop=flops / 1e12, compile_and_first_run_s=compile_s,
+              compiles=sum(c.compiled for c in warm), recompiles_after_warmup=sum(c.compiled for c in chunks))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--tiny", action="store_true", help="tiny shapes on any backend (CPU: seconds)")
+  ap.add_argument("--impl", default=None, help="comma list of cudnn,pallas,xla (default: pallas on GPU, xla tiny)")
+  ap.add_argument("--patterns", default="framewise,chunkwise")
+  ap.add_argument("--steps", default="1,2,4")
+  ap.add_argument("--contexts", default="clean,noisy")
+  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--kv_cache_dtype", default="bfloat16", choices=rollout.KV_CACHE_DTYPES)
+  ap.add_argument("--peak_tflops", type=float, default=798.0, help="bf16 matmul rate of the card (H100: 798)")
+  ap.add_argument("--profile", action="store_true", help="jax.profiler trace of the first row's steady chunk")
+  args = ap.parse_args()
+  sh = shapes(args.tiny)
+  impls = (args.impl or ("xla" if args.tiny or jax.default_backend() == "cpu" else "pallas")).split(",")
+  os.makedirs(args.out, exist_ok=True)
+  device = jax.devices()[0]
+  meta = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
+              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              command=" ".join(sys.argv), tiny=args.tiny, frames=sh["frames"], latent_hw=sh["latent_hw"],
+              text_tokens=sh["text_tokens"], peak_tflops=args.peak_tflops, kv_cache_dtype=args.kv_cache_dtype,
+              timed="DiT only (no VAE decoding)")
+  rows, lines = [], []
+  header = ("| impl | pattern | steps | context | first chunk ms | next chunk ms | video s | RGB FPS | TFLOP | "
+            "FPS limit | fraction |\n|---|---|---|---|---|---|---|---|---|---|---|")
+  print(f"# {meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}\n{header}", flush=True)
+  for impl in impls:
+    cfg = get_config(sh["size"], **sh["overrides"], dtype="bfloat16", attention_impl=impl)
+    model = WanModel(cfg)
+    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
+    params = {"params": jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)}
+    for pattern in args.patterns.split(","):
+      for steps in (int(s) for s in args.steps.split(",")):
+        for context in args.contexts.split(","):
+          prof = os.path.join(args.out, "trace") if args.profile and not rows else None
+          try:
+            r = run_row(model, params, cfg, sh, impl, pattern, steps, context, args.repeats, prof,
+                        args.kv_cache_dtype)
+          except Exception as e:   # e.g. an impl that cannot take this mask: recorded, the grid goes on
+            r = dict(impl=impl, pattern=pattern, steps=steps, context=context, error=f"{type(e).__name__}: {e}"[:300])
+            print(f"| {impl} | {pattern} | {steps} | {context} | failed: {r['error'][:120]} |", flush=True)
+            rows.append(r)
+            continue
+          limit_s = r["tflop"] / args.peak_tflops
+          r["fps_limit"] = sh["frames"] * RGB_FRAMES_PER_LATENT / limit_s
+          r["fraction_of_limit"] = r["rgb_fps"] / r["fps_limit"]
+          nxt = "-" if r["next_chunk_ms"] is None else f"{r['next_chunk_ms']:.1f}"
+          line = (f"| {impl} | {pattern} | {steps} | {context} | {r['first_chunk_ms']:.1f} | {nxt} | "
+                  f"{r['video_s']:.3f} | {r['rgb_fps']:.1f} | {r['tflop']:.3g} | {r['fps_limit']:.3g} | "
+                  f"{r['fraction_of_limit']:.3g} |")
+          print(line, flush=True)
+          rows.append(r)
+          lines.append(line)
+  with open(os.path.join(args.out, "streaming.json"), "w") as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  with open(os.path.join(args.out, "streaming.md"), "w") as f:
+    f.write(f"{meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}; `{meta['command']}`\n\n")
+    f.write(header + "\n" + "\n".join(lines) + "\n")
+  print(f"wrote {args.out}/streaming.json and streaming.md")
+
+
+if __name__ == "__main__":
+  main()
