@@ -22,6 +22,10 @@ At Wan2.1-1.3B shape this gives (c3-3): 2-step noisy 431 TFLOP (limit 150 FPS at
 gives it 4) and a cache pass after the last chunk (never read, so never run here).
 cudnn: `rcm_jax.models.attention` takes no mask with impl="cudnn", and a KV-cache chunk always passes one (the
 chunk-vs-cache visibility), so cudnn rows record the error until that entry point forwards the mask.
+Compiles: one executable per distinct chunk geometry; without a window the cache view grows every chunk, so a
+row compiles 21 (frame-wise) or 7 (chunk-wise) functions in its warm-up stream (scan_layers keeps each compile
+short; --compile_cache reuses them across runs). Split the grid over calls (--patterns/--steps/--contexts) to stay
+within a time limit.
 Writes <out>/streaming.json (every row, the device, the command) and <out>/streaming.md (table lines).
 """
 from __future__ import annotations
@@ -125,14 +129,18 @@ def main():
   ap.add_argument("--kv_cache_dtype", default="bfloat16", choices=rollout.KV_CACHE_DTYPES)
   ap.add_argument("--peak_tflops", type=float, default=798.0, help="bf16 matmul rate of the card (H100: 798)")
   ap.add_argument("--profile", action="store_true", help="jax.profiler trace of the first row's steady chunk")
+  ap.add_argument("--unrolled", action="store_true", help="per-layer blocks instead of scan_layers (slower compiles)")
+  ap.add_argument("--compile_cache", default="", help="a jax persistent compilation cache dir (re-runs skip compiles)")
   args = ap.parse_args()
   sh = shapes(args.tiny)
+  if args.compile_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
   impls = (args.impl or ("xla" if args.tiny or jax.default_backend() == "cpu" else "pallas")).split(",")
   os.makedirs(args.out, exist_ok=True)
   device = jax.devices()[0]
   meta = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              command=" ".join(sys.argv), tiny=args.tiny, frames=sh["frames"], latent_hw=sh["latent_hw"],
+              command=" ".join(sys.argv), tiny=args.tiny, scan_layers=not args.unrolled, frames=sh["frames"], latent_hw=sh["latent_hw"],
               text_tokens=sh["text_tokens"], peak_tflops=args.peak_tflops, kv_cache_dtype=args.kv_cache_dtype,
               timed="DiT only (no VAE decoding)")
   rows, lines = [], []
@@ -140,7 +148,8 @@ def main():
             "FPS limit | fraction |\n|---|---|---|---|---|---|---|---|---|---|---|")
   print(f"# {meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}\n{header}", flush=True)
   for impl in impls:
-    cfg = get_config(sh["size"], **sh["overrides"], dtype="bfloat16", attention_impl=impl)
+    cfg = get_config(sh["size"], **sh["overrides"], dtype="bfloat16", attention_impl=impl,
+                     scan_layers=not args.unrolled)
     model = WanModel(cfg)
     params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
     params = {"params": jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)}
