@@ -203,3 +203,52 @@ def test_cli_bad_input(tmp_path):
   assert "Traceback" not in r.stderr
   r = _cli("--config=configs/toy/causal.py:runlocal", f"--checkpoint={causal}")
   assert r.returncode != 0 and "world=camera_pan" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_cli_stream_and_play_end_to_end(tmp_path):
+  """The commands as a user runs them: 2 DF steps on the camera-pan world (a causal checkpoint), `sample` streaming
+  25 frames from 8-frame data through a window with an int8 cache, `--no_kv_cache`, then `play` over HTTP."""
+  import urllib.request
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cfg = "--config=configs/toy/causal.py:world=camera_pan,runlocal"
+  main = [sys.executable, "-m", "rcm_jax.main"]
+  run = lambda *a: subprocess.run([*main, *a], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  r = run("train", cfg, f"--workdir={tmp_path}/df", "--config.recipe=df", "--config.train.num_steps=2")
+  assert r.returncode == 0, r.stderr[-2000:]
+  common = [cfg, f"--config.sample.checkpoint={tmp_path}/df", "--config.sample.sampler=rollout",
+            "--config.sample.solver=euler", "--config.sample.steps=2", "--config.sample.cfg_scale=1",
+            "--config.causal.local_blocks=2", "--config.causal.sink_blocks=1", "--config.sample.actions=right,down"]
+  r = run("sample", *common, f"--workdir={tmp_path}/s", "--config.sample.num_frames=25",
+          "--config.sample.kv_cache_dtype=int8")
+  assert r.returncode == 0, r.stderr[-2000:]
+  m = json.load(open(tmp_path / "s" / "metrics.json"))
+  assert m["num_frames"] == 25 and m["cache_frames"] == 2
+  assert len(os.listdir(tmp_path / "s" / "samples" / "stream")) == len(m["chunks"])
+  assert m["compiles"] < len(m["chunks"])
+  r = run("sample", *common, f"--workdir={tmp_path}/n", "--config.sample.num_frames=9", "--no_kv_cache")
+  assert r.returncode == 0 and json.load(open(tmp_path / "n" / "metrics.json"))["kv_cache"] is False
+  port = _free_port()
+  proc = subprocess.Popen([*main, "play", cfg, f"--checkpoint={tmp_path}/df", f"--port={port}"], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+      try:
+        assert b"rcm-jax" in urllib.request.urlopen(url + "/", timeout=2).read()
+        break
+      except OSError:
+        time.sleep(0.5)
+    req = urllib.request.Request(url + "/action", data=b'{"action": "right"}', method="POST")
+    assert urllib.request.urlopen(req, timeout=5).status == 200
+    with urllib.request.urlopen(url + "/events", timeout=120) as events:
+      frames = []
+      while len(frames) < 4:
+        line = events.readline().decode()
+        if line.startswith("data: "):
+          e = json.loads(line[6:])
+          frames += list(zip(range(e["frame"], e["frame"] + len(e["frames"])), e["actions"]))
+    assert [f for f, _ in frames] == [0, 1, 2, 3] and frames[1][1] == 4        # the press moved frame 1
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
