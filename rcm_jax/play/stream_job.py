@@ -3,7 +3,7 @@
 Owns: loading a causal stage for streaming (`load_causal`: refuses bidirectional checkpoints), the stream's
 config keys (`stream_settings`), action parsing (`parse_actions`), and `sample_stream`: the `sample` job when
 `sample.sampler == "rollout"`, which writes every chunk as a PNG as soon as it is generated
-(<workdir>/samples/stream/chunk_XXXX.png: rows = videos, columns = the chunk's frames), then the GIF/MP4 of
+(<workdir>/samples/stream/batchBB_chunkCCCC.png: rows = videos, columns = the chunk frames), then the GIF/MP4 of
 the whole videos, samples.npz and metrics.json (per-chunk latency, frames per second, compiles).
 
 Config keys (section `sample`): sampler="rollout", steps (1/2/4 consistency or Euler), solver, noisy_context,
