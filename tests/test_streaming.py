@@ -42,7 +42,7 @@ def _stream(pattern, nf, *, seed=0, num_steps=2, solver="consistency", cfg_scale
   return video, chunks, plan, (model, params, noise, cond, null, schedules)
 
 
-@pytest.mark.parametrize("noisy_context", [False, True])
+@pytest.mark.parametrize("noisy_context", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_rolling_window_longer_than_cache_kv_equals_no_kv(noisy_context):
   """7 frames through a 2-block window with 1 sink (a cache of 2 frames): the KV-cache stream and the
   recomputing stream give the same frames, chunk by chunk as they are yielded; (clean) so does the SF-DMD rollout."""
