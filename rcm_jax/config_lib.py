@@ -64,7 +64,7 @@ def toy_base(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()      # device mesh (rcm_jax.parallel.mesh); product = device count,
   c.mesh.data = -1                           #   -1 = all devices left; data: batch split, params replicated
   c.mesh.fsdp = 1                            #   batch split and params / EMA / optimizer state split too
-  c.mesh.context = 1                         #   token sequence (must divide tokens and heads; no CP yet)
+  c.mesh.context = 1                         #   token sequence: Ulysses context parallelism (divides tokens and heads)
   c.mesh.tensor = 1                          #   heads and MLP hidden dim
   # logical axis -> mesh axes ("" replicated, "data,fsdp" split over both); rcm_jax.parallel.sharding
   c.sharding_rules = ml_collections.ConfigDict(dict(
