@@ -262,3 +262,19 @@ def test_divergence_stops_with_a_clear_message_and_finite_checkpoints(tmp_path):
   params, step = checkpoint.load_params(str(tmp_path), use_ema=False)
   assert step <= 3
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_quickstart_config_wires_the_chosen_tf_cm_stage_into_sf_dmd():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("_qs", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                                    "toy", "quickstart.py"))
+  qs = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(qs)
+  c = qs.get_config("objective=dcm,patterns=c2-3")
+  assert c.stages.tf_dcm_c23.recipe == "tf_dcm" and c.stages.tf_dcm_c23.init_from == "tf_c23"
+  assert c.stages.sf_dmd_c23.init_from == "tf_dcm_c23" and c.stages.sf_dmd_c23.teacher_from == "teacher"
+  assert c.stages.sf_dmd_c23.causal.first_chunk_frames == 2 and c.stages.sf_dmd_c23.causal.chunk_frames == 3
+  assert tuple(c.stages.report.sources) == ("eval_teacher", "eval_dcm_c23", "eval_sf_c23")
+  assert c.stage_order[-1] == "report"
+  with pytest.raises(ValueError, match="objective='kd'"):
+    qs.get_config("objective=kd")
