@@ -76,8 +76,8 @@ def run_task(task: str, args) -> None:
 
 
 def _runs(args):
-  init_runs = [(p, i, 4, "clean", s) for p in args.patterns for i in INITS for s in args.seeds]
-  step_runs = [(p, "tf_scm", n, c, s) for p in args.step_patterns for n in (1, 2, 4) for c in ("clean", "noisy")
+  init_runs = [(p, i, 4, "clean", s) for p in args.patterns for i in args.inits for s in args.seeds]
+  step_runs = [(p, "tf_scm", n, c, s) for p in args.step_patterns for n in args.steps for c in ("clean", "noisy")
                for s in args.seeds]
   return init_runs, step_runs
 
@@ -141,7 +141,7 @@ def report(args) -> None:
          f"--seeds {','.join(args.seeds)}")
   os.makedirs(args.results, exist_ok=True)
   res = _collect(args, init_runs)
-  keys = sorted({k[:4] for k in (r[:4] for r in init_runs)}, key=lambda k: (k[0], INITS.index(k[1])))
+  keys = sorted({r[:4] for r in init_runs}, key=lambda k: (k[0], INITS.index(k[1])))
   table = _table(res, keys, lambda k: [k[0], k[1]], ["pattern", "init"])
   base = f"sf_init_{args.preset}"
   with open(os.path.join(args.results, base + ".md"), "w") as f:
@@ -174,6 +174,8 @@ def main():
   ap.add_argument("--patterns", default="c1-1,c2-3")
   ap.add_argument("--step_patterns", default="c2-3", help="patterns of the steps/context ablation ('' = none)")
   ap.add_argument("--seeds", default="0")
+  ap.add_argument("--inits", default=",".join(INITS), help="initialisations of the init ablation")
+  ap.add_argument("--steps", default="1,2,4", help="step counts of the steps/context ablation")
   ap.add_argument("--results", default=os.path.join(common.ROOT, "experiments", "results"))
   ap.add_argument("--task", help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -181,6 +183,10 @@ def main():
   args.patterns = args.patterns.split(",")
   args.step_patterns = [p for p in args.step_patterns.split(",") if p]
   args.seeds = args.seeds.split(",")
+  args.inits, args.steps = args.inits.split(","), [int(n) for n in args.steps.split(",")]
+  unknown = [i for i in args.inits if i not in INITS] + [n for n in args.steps if n not in SCHEDULES]
+  if unknown:
+    raise SystemExit(f"--inits takes {INITS}, --steps takes {sorted(SCHEDULES)}; unknown: {unknown}")
   if args.task:
     return run_task(args.task, args)
   for p in args.patterns + args.step_patterns:
@@ -190,7 +196,7 @@ def main():
                          f"--preset {args.preset} first.")
   me, logs = os.path.abspath(__file__), os.path.join(args.root, "logs_sf")
   passthrough = ["--root", args.root, "--preset", args.preset]
-  prefix = [f"{k}:{p}" for p in args.patterns for k in ("df", "kd")]
+  prefix = [f"{k}:{p}" for p in args.patterns for k, init in (("df", "df"), ("kd", "tf_kd")) if init in args.inits]
   common.run_parallel([common.self_command(me, *passthrough, "--task", t) for t in prefix], args.jobs, logs)
   init_runs, step_runs = _runs(args)
   tasks = list(dict.fromkeys(":".join(map(str, r)) for r in init_runs + step_runs))
