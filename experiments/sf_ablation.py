@@ -138,7 +138,8 @@ def report(args) -> None:
   init_runs, step_runs = _runs(args)
   env = common.environment()
   cmd = (f"python experiments/sf_ablation.py --root {args.root} --preset {args.preset} --jobs {args.jobs} "
-         f"--seeds {','.join(args.seeds)}")
+         f"--seeds {','.join(args.seeds)} --patterns {','.join(args.patterns)} --step_patterns "
+         f"{','.join(args.step_patterns)} --inits {','.join(args.inits)} --steps {','.join(map(str, args.steps))}")
   os.makedirs(args.results, exist_ok=True)
   res = _collect(args, init_runs)
   keys = sorted({r[:4] for r in init_runs}, key=lambda k: (k[0], INITS.index(k[1])))
