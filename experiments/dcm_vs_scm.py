@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -88,7 +89,7 @@ def report(args) -> str:
                                        "metrics.json"))
   cal = some["calibration"]
   labels = sorted(_by_steps(rows[0][2]))
-  head = ["pattern", "objective", "iteration", "s/iter"] + [f"{m.split('/')[1]} {n}-step"
+  head = ["pattern", "objective", "iteration", "segment s/iter"] + [f"{m.split('/')[1]} {n}-step"
                                                              for m in METRICS for n in labels]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for pattern, objective, rec in rows:
@@ -104,12 +105,31 @@ def report(args) -> str:
   md = os.path.join(args.results, f"dcm_vs_scm_{args.preset}.md")
   with open(md, "w") as f:
     f.write(f"# TF-dCM vs TF-sCM vs TF-MeanFlow ({args.preset} preset; {common.environment()})\n\n"
-            f"Command: `python experiments/dcm_vs_scm.py --root {args.root} --preset {args.preset} "
-            f"--jobs {args.jobs}" + (f" --teacher {args.teacher}" if args.teacher else "") + f"`\n\n{table}\nPlot: {os.path.basename(plot)}\n")
+            f"Command: `python experiments/dcm_vs_scm.py --root {os.path.relpath(args.root, common.ROOT)} "
+            f"--preset {args.preset} "
+            f"--jobs {args.jobs} --patterns {','.join(args.patterns)} --objectives {','.join(args.objectives)}"
+            + (f" --teacher {args.teacher}" if args.teacher else "") + f"`\n\n{table}\n{_step_times(args)}\n"
+            f"Plot: {os.path.basename(plot)}\n")
   common.write_json(os.path.join(args.results, f"dcm_vs_scm_{args.preset}.json"),
                     {f"{p}/{o}": c for (p, o), c in curves.items()} | {"calibration": cal})
   print(table)
   return md
+
+
+def _step_times(args) -> str:
+  """Median seconds per iteration from each run's per-step wall clock (losses.jsonl), leaving out the first
+  logged interval of every segment (restore and compilation)."""
+  from rcm_jax.training import writer
+  lines = ["Seconds per iteration (median gap between logged steps, compilation left out):"]
+  for pattern in args.patterns:
+    for objective in args.objectives:
+      recs = [r for _, r in sorted(writer.read_losses(os.path.join(args.root, pattern, objective, "train")).items())
+              if "wall" in r]
+      gaps = [(b["wall"] - a["wall"]) / (b["step"] - a["step"]) for a, b in zip(recs, recs[1:])
+              if a["step"] % args.every_used]
+      if gaps:
+        lines.append(f"- {pattern} {objective}: {statistics.median(gaps):.3f} s ({len(gaps)} gaps)")
+  return "\n".join(lines) + "\n"
 
 
 def _plot(curves, labels, cal, args) -> str:
@@ -129,6 +149,8 @@ def _plot(curves, labels, cal, args) -> str:
                   color=f"C{j}", marker="o", ms=3, label=f"{objective} {n}-step")
       ax.axhline(cal["ceiling"][metric], color="g", lw=0.8, label="ceiling")
       ax.axhline(cal["floor"][metric], color="r", lw=0.8, label="floor")
+      if metric.endswith("frechet"):   # the floor sits an order of magnitude above the models
+        ax.set_yscale("log")
       ax.set_title(f"{pattern}: {metric}", fontsize=9)
       ax.set_xlabel("iterations")
   axes[0][0].legend(fontsize=6, ncol=2)
