@@ -61,7 +61,7 @@ def run_task(task: str, args) -> None:
     pattern, init, steps, context, seed = rest
     steps, noisy = int(steps), context == "noisy"
     config = common.load_config("sf_dmd", _arg(preset, pattern=pattern, noisy_context=noisy))
-    iters = SF_ITERS[args.preset]
+    iters = args.iters or SF_ITERS[args.preset]
     over = {"init_from": _init_dir(root, pattern, init), "teacher_from": os.path.join(root, "teacher"),
             "seed": int(seed), "train.num_steps": iters, "dmd.schedule": SCHEDULES[steps]}
     cfg = common.stage(config, "sf_dmd", root, **over)
@@ -137,16 +137,17 @@ def _plot(res, keys, xlabels, title, path):
 def report(args) -> None:
   init_runs, step_runs = _runs(args)
   env = common.environment()
-  cmd = (f"python experiments/sf_ablation.py --root {args.root} --preset {args.preset} --jobs {args.jobs} "
+  cmd = (f"python experiments/sf_ablation.py --root {os.path.relpath(args.root, common.ROOT)} --preset {args.preset} --jobs {args.jobs} "
          f"--seeds {','.join(args.seeds)} --patterns {','.join(args.patterns)} --step_patterns "
-         f"{','.join(args.step_patterns)} --inits {','.join(args.inits)} --steps {','.join(map(str, args.steps))}")
+         f"{','.join(args.step_patterns)} --inits {','.join(args.inits)} --steps {','.join(map(str, args.steps))}"
+         + (f" --iters {args.iters}" if args.iters else ""))
   os.makedirs(args.results, exist_ok=True)
   res = _collect(args, init_runs)
   keys = sorted({r[:4] for r in init_runs}, key=lambda k: (k[0], INITS.index(k[1])))
   table = _table(res, keys, lambda k: [k[0], k[1]], ["pattern", "init"])
   base = f"sf_init_{args.preset}"
   with open(os.path.join(args.results, base + ".md"), "w") as f:
-    f.write(f"# SF-DMD initialisation ablation (4-step, clean context; {env})\n\n{SF_ITERS[args.preset]} SF-DMD "
+    f.write(f"# SF-DMD initialisation ablation (4-step, clean context; {env})\n\n{args.iters or SF_ITERS[args.preset]} SF-DMD "
             f"iterations per run, seeds {','.join(args.seeds)} (mean ± std over seeds).\n\nCommand: `{cmd}`\n\n"
             f"{table}\n\nPlot: {base}.png\n")
   _plot(res, keys, [k[1] for k in keys if k[0] == keys[0][0]], "SF-DMD init", os.path.join(args.results, base + ".png"))
@@ -159,7 +160,7 @@ def report(args) -> None:
     base = f"sf_steps_{args.preset}"
     with open(os.path.join(args.results, base + ".md"), "w") as f:
       f.write(f"# SF-DMD steps and context ablation (init TF-sCM; {env})\n\nTrained and sampled with the same "
-              f"step count (first chunk: 4 steps at sampling); {SF_ITERS[args.preset]} iterations per run, seeds "
+              f"step count (first chunk: 4 steps at sampling); {args.iters or SF_ITERS[args.preset]} iterations per run, seeds "
               f"{','.join(args.seeds)}.\n\nCommand: `{cmd}`\n\n{table}\n\nPlot: {base}.png\n")
     _plot(res, keys, [f"{k[2]}-step {k[3]}" for k in keys if k[0] == keys[0][0]], "SF-DMD steps/context",
           os.path.join(args.results, base + ".png"))
@@ -175,6 +176,7 @@ def main():
   ap.add_argument("--patterns", default="c1-1,c2-3")
   ap.add_argument("--step_patterns", default="c2-3", help="patterns of the steps/context ablation ('' = none)")
   ap.add_argument("--seeds", default="0")
+  ap.add_argument("--iters", type=int, default=0, help="SF-DMD iterations per run (0: the preset's)")
   ap.add_argument("--inits", default=",".join(INITS), help="initialisations of the init ablation")
   ap.add_argument("--steps", default="1,2,4", help="step counts of the steps/context ablation")
   ap.add_argument("--results", default=os.path.join(common.ROOT, "experiments", "results"))
@@ -196,7 +198,7 @@ def main():
         raise SystemExit(f"{args.root}/{need} is missing: run experiments/dcm_vs_scm.py --root {args.root} "
                          f"--preset {args.preset} first.")
   me, logs = os.path.abspath(__file__), os.path.join(args.root, "logs_sf")
-  passthrough = ["--root", args.root, "--preset", args.preset]
+  passthrough = ["--root", args.root, "--preset", args.preset, "--iters", str(args.iters)]
   prefix = [f"{k}:{p}" for p in args.patterns for k, init in (("df", "df"), ("kd", "tf_kd")) if init in args.inits]
   common.run_parallel([common.self_command(me, *passthrough, "--task", t) for t in prefix], args.jobs, logs)
   init_runs, step_runs = _runs(args)
