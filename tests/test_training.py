@@ -278,3 +278,12 @@ def test_quickstart_config_wires_the_chosen_tf_cm_stage_into_sf_dmd():
   assert c.stage_order[-1] == "report"
   with pytest.raises(ValueError, match="objective='kd'"):
     qs.get_config("objective=kd")
+
+
+def test_recipe_with_a_report_before_its_sources_stops_with_one_message(tmp_path):
+  p = _cli("recipe", "--config=configs/toy/quickstart.py:runlocal,patterns=c1-1",
+           "--config.stage_order=('teacher','report','eval_teacher')", workdir=str(tmp_path))
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode != 0
+  assert "stages.report.sources" in out and "Traceback" not in out
+  assert not (tmp_path / "teacher").exists()   # refused before any stage ran

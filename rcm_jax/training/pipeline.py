@@ -15,6 +15,7 @@ import os
 import ml_collections
 from absl import logging
 
+from rcm_jax.errors import UserError
 from rcm_jax.training import generate, jobs, trainer
 
 COMMANDS = ("train", "sample", "eval", "generate", "report")
@@ -23,10 +24,10 @@ COMMANDS = ("train", "sample", "eval", "generate", "report")
 def stage_config(config, name: str, workdir: str) -> ml_collections.ConfigDict:
   """The resolved config of one stage: shared sections updated by the stage's own keys."""
   if name not in config.stages:
-    raise ValueError(f"stage_order names {name!r}, but config.stages has only {sorted(config.stages)}.")
+    raise UserError(f"stage_order names {name!r}, but config.stages has only {sorted(config.stages)}.")
   stage = config.stages[name]
   if stage.command not in COMMANDS:
-    raise ValueError(f"stages.{name}.command={stage.command!r}: choose one of {COMMANDS}.")
+    raise UserError(f"stages.{name}.command={stage.command!r}: choose one of {COMMANDS}.")
   base = ml_collections.ConfigDict(config.to_dict())
   for key in ("stages", "stage_order"):
     del base[key]
@@ -44,7 +45,7 @@ def stage_config(config, name: str, workdir: str) -> ml_collections.ConfigDict:
     for section, key, ref_key in refs:
       if isinstance(section[key], str) and section[key] and os.sep not in section[key]:   # a path stays a path
         if section[key] not in config.stages:
-          raise ValueError(f"stages.{name}.{ref_key}={section[key]!r} is not a stage (nor a path); "
+          raise UserError(f"stages.{name}.{ref_key}={section[key]!r} is not a stage (nor a path); "
                            f"stages: {sorted(config.stages)}.")
         section[key] = os.path.join(workdir, section[key])
     if stage.get("source"):
@@ -96,7 +97,7 @@ def run_recipe(config, workdir: str) -> dict:
     if config.stages[name].command == "report":
       missing = [s for s in config.stages[name].get("sources", ()) if s not in order[:order.index(name)]]
       if missing or not config.stages[name].get("sources"):
-        raise ValueError(f"stages.{name}.sources={tuple(config.stages[name].get('sources', ()))}: list eval "
+        raise UserError(f"stages.{name}.sources={tuple(config.stages[name].get('sources', ()))}: list eval "
                          f"stages that run before it in stage_order (not found earlier: {missing}).")
   data_root = os.path.join(workdir, "data")
   results = {}
