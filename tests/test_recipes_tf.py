@@ -23,6 +23,7 @@ from rcm_jax.models import build_model, masks
 from rcm_jax.recipes import causal, cm
 from rcm_jax.recipes.causal import RecipeConfigError
 from rcm_jax.recipes.tf_scm import tf_jvp
+from conftest import random_params  # noqa: E402  (tests/conftest.py: shared test helpers)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T, HW, C = 2, 4, 8, 4
@@ -41,18 +42,7 @@ def _params(model, seed, frames=T):
   b = _batch(frames)
   shapes = jax.eval_shape(model.init, jax.random.key(0), b["video"], jnp.zeros((B, frames)),
                           labels=b["cond"]["labels"])
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = jax.tree_util.keystr(path)
-    if "scale" in name and "scale_shift" not in name:
-      return jnp.asarray(1 + 0.05 * rng.normal(size=s.shape), s.dtype)
-    std = 1 / np.sqrt(np.prod(s.shape[:-1])) if len(s.shape) >= 2 else 0.02
-    if "time_embedder" in name or "text_embedder" in name:
-      std = 0.02   # Wan's init: the network sees 1000 t, larger weights make v jump with t
-    return jnp.asarray(std * rng.normal(size=s.shape), s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+  return random_params(shapes, seed)
 
 
 def _batch(frames=T, seed=0):

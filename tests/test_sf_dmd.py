@@ -19,6 +19,7 @@ from rcm_jax.errors import UserError
 from rcm_jax.recipes.causal import BlockPattern, RecipeConfigError
 from rcm_jax.recipes.sf_dmd import dmd_loss
 from rcm_jax.training.state import TrainState
+from conftest import random_params  # noqa: E402  (tests/conftest.py: shared test helpers)
 
 B, T, HW, C = 2, 3, 8, 4
 NULL = 10
@@ -42,18 +43,7 @@ def _params(model, seed):
   """Random params from shapes (numpy): weights ~ N(0, 1/fan_in), so the zero-init head is non-trivial."""
   b = _batch()
   shapes = jax.eval_shape(model.init, jax.random.key(0), b["video"], jnp.zeros((B, T)), labels=b["cond"]["labels"])
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = jax.tree_util.keystr(path)
-    if "scale" in name and "scale_shift" not in name:
-      return jnp.asarray(1 + 0.05 * rng.normal(size=s.shape), s.dtype)
-    std = 1 / np.sqrt(np.prod(s.shape[:-1])) if len(s.shape) >= 2 else 0.02
-    if "time_embedder" in name or "text_embedder" in name:
-      std = 0.02
-    return jnp.asarray(std * rng.normal(size=s.shape), s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+  return random_params(shapes, seed)
 
 
 def _batch(frames=T):
