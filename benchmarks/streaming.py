@@ -121,6 +121,16 @@ def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats,
               compiles=sum(c.compiled for c in warm), recompiles_after_warmup=sum(c.compiled for c in chunks))
 
 
+def grid(args) -> list:
+  """The (steps, context) rows: --rows as given, else every --steps x --contexts pair."""
+  if args.rows:
+    pairs = [r.split(":") for r in args.rows.split(",")]
+    if any(len(p) != 2 or not p[0].isdigit() or p[1] not in ("clean", "noisy") for p in pairs):
+      raise SystemExit(f"--rows {args.rows!r}: expected STEPS:CONTEXT pairs, e.g. 2:noisy,4:clean")
+    return [(int(n), c) for n, c in pairs]
+  return [(int(n), c) for n in args.steps.split(",") for c in args.contexts.split(",")]
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", required=True)
@@ -129,6 +139,8 @@ def main():
   ap.add_argument("--patterns", default="chunkwise,framewise", help="chunkwise first: 7 compiles a row, not 21")
   ap.add_argument("--steps", default="1,2,4")
   ap.add_argument("--contexts", default="clean,noisy")
+  ap.add_argument("--rows", default="", help="explicit steps:context pairs instead of the --steps x --contexts grid, "
+                                             "e.g. 2:noisy,4:clean (the issue's two targets)")
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--kv_cache_dtype", default="bfloat16", choices=rollout.KV_CACHE_DTYPES)
   ap.add_argument("--peak_tflops", type=float, default=798.0, help="bf16 matmul rate of the card (H100: 798)")
@@ -158,29 +170,28 @@ def main():
     params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
     params = {"params": jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)}
     for pattern in args.patterns.split(","):
-      for steps in (int(s) for s in args.steps.split(",")):
-        for context in args.contexts.split(","):
-          prof = os.path.join(args.out, "trace") if args.profile and not rows else None
-          print(f"# {impl} {pattern} {steps}-step {context}: warm-up (compiles each chunk geometry) ...", flush=True)
-          try:
-            r = run_row(model, params, cfg, sh, impl, pattern, steps, context, args.repeats, prof,
-                        args.kv_cache_dtype)
-          except Exception as e:   # e.g. an impl that cannot take this mask: recorded, the grid goes on
-            r = dict(impl=impl, pattern=pattern, steps=steps, context=context, error=f"{type(e).__name__}: {e}"[:300])
-            print(f"| {impl} | {pattern} | {steps} | {context} | failed: {r['error'][:120]} |", flush=True)
-            rows.append(r)
-            continue
-          limit_s = r["tflop"] / args.peak_tflops
-          r["fps_limit"] = sh["frames"] * RGB_FRAMES_PER_LATENT / limit_s
-          r["fraction_of_limit"] = r["rgb_fps"] / r["fps_limit"]
-          nxt = "-" if r["next_chunk_ms"] is None else f"{r['next_chunk_ms']:.1f}"
-          line = (f"| {impl} | {pattern} | {steps} | {context} | {r['first_chunk_ms']:.1f} | {nxt} | "
-                  f"{r['video_s']:.3f} | {r['rgb_fps']:.1f} | {r['tflop']:.3g} | {r['fps_limit']:.3g} | "
-                  f"{r['fraction_of_limit']:.3g} |")
-          print(line, flush=True)
+      for steps, context in grid(args):
+        prof = os.path.join(args.out, "trace") if args.profile and not rows else None
+        print(f"# {impl} {pattern} {steps}-step {context}: warm-up (compiles each chunk geometry) ...", flush=True)
+        try:
+          r = run_row(model, params, cfg, sh, impl, pattern, steps, context, args.repeats, prof,
+                      args.kv_cache_dtype)
+        except Exception as e:   # e.g. an impl that cannot take this mask: recorded, the grid goes on
+          r = dict(impl=impl, pattern=pattern, steps=steps, context=context, error=f"{type(e).__name__}: {e}"[:300])
+          print(f"| {impl} | {pattern} | {steps} | {context} | failed: {r['error'][:120]} |", flush=True)
           rows.append(r)
-          lines.append(line)
-          _write(args.out, meta, rows, header, lines)   # after every row: a time limit still leaves the rows done
+          continue
+        limit_s = r["tflop"] / args.peak_tflops
+        r["fps_limit"] = sh["frames"] * RGB_FRAMES_PER_LATENT / limit_s
+        r["fraction_of_limit"] = r["rgb_fps"] / r["fps_limit"]
+        nxt = "-" if r["next_chunk_ms"] is None else f"{r['next_chunk_ms']:.1f}"
+        line = (f"| {impl} | {pattern} | {steps} | {context} | {r['first_chunk_ms']:.1f} | {nxt} | "
+                f"{r['video_s']:.3f} | {r['rgb_fps']:.1f} | {r['tflop']:.3g} | {r['fps_limit']:.3g} | "
+                f"{r['fraction_of_limit']:.3g} |")
+        print(line, flush=True)
+        rows.append(r)
+        lines.append(line)
+        _write(args.out, meta, rows, header, lines)   # after every row: a time limit still leaves the rows done
   _write(args.out, meta, rows, header, lines)
   print(f"wrote {args.out}/streaming.json and streaming.md")
 

@@ -2,11 +2,14 @@
 
   python3 benchmarks/train_step.py --out $OUT                        # one H100: 21 latent frames at 480p
   python3 benchmarks/train_step.py --out $OUT --remat full --frames 21 --recipes tf,tf_scm
+  python3 benchmarks/train_step.py --out $OUT --mesh fsdp=2 --batch 2 --recipes tf_scm,sf_dmd   # 2 GPUs, FSDP
+  python3 benchmarks/train_step.py --out $OUT --mesh context=2 --recipes tf_scm                 # 2 GPUs, Ulysses
   .venv/bin/python benchmarks/train_step.py --tiny --out /tmp/ts    # CPU: the same code paths, tiny shapes
 
 What is timed is the code users run: each recipe comes from `rcm_jax.recipes`' registry, its update is the
 trainer's (`trainer.make_update`, or the recipe's own `update` for SF-DMD: critic steps + student step), placed
-and jitted by `rcm_jax.parallel` exactly as `trainer.train` does (one device: mesh data=1). Random weights
+and jitted by `rcm_jax.parallel` exactly as `trainer.train` does, on the mesh of `--mesh` (default: one device,
+data=1; e.g. `fsdp=2` or `context=2`, the other axes 1; the mesh takes every visible device). Random weights
 (fp32 master params, AdamW state and a power EMA, as in training), bf16 compute, Pallas flash attention, layers
 under `nn.scan`, the remat policy of `--remat`. The batch: one video of `--frames` latent frames of 60 x 104 x 16
 (480p: 1560 tokens per frame after the 1x2x2 patchify) and 512 random umT5-sized text tokens; the causal pattern
@@ -17,8 +20,9 @@ Per recipe: median step time over `--iters` steps after two warm-up steps (SF-DM
 steps), tokens/s (the video's latent tokens per second), model FLOPs counted analytically (`model_flops`:
 every network call the recipe makes, matmuls only, attention at its mask's density, backward = 2 x forward,
 JVP = 2 x the linear layers + 3 x the attention, remat recomputation NOT counted) and MFU against the
-H100 SXM bf16 dense peak of 989 TFLOP/s (`--peak_tflops`). Memory: XLA's compiled memory analysis of the
-update, and the device's peak bytes in use after the recipe (a running maximum over the recipes run so far).
+H100 SXM bf16 dense peak of 989 TFLOP/s (`--peak_tflops`) times the number of devices; tokens/s is also given
+per device. Memory: XLA's compiled memory analysis of the update (per device), and the largest peak bytes in use
+over the devices after the recipe (a running maximum over the recipes run so far).
 If a recipe runs out of memory the script retries it with fewer frames (`--min_frames`) and says so.
 Writes train_step.json and train_step.md under --out, with the issue's targets beside the results.
 """
@@ -73,7 +77,7 @@ def make_config(args, geo, recipe: str, frames: int):
     c.model[k] = v
   c.model.scan_layers = True
   c.model.remat_policy = args.remat
-  c.mesh = dict(data=1, fsdp=1, context=1, tensor=1)
+  c.mesh = dict(args.mesh)
   c.data.world = dict(c.data.world, frames=frames)
   first, chunk = args.chunk
   c.causal.first_chunk_frames, c.causal.chunk_frames = first, chunk
@@ -212,24 +216,42 @@ def run_recipe(args, geo, name: str, frames: int) -> dict:
   med = float(np.median(step_times))
   mean_flops = float(np.mean(flops))
   mean_time = float(np.mean(step_times))
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = [d.memory_stats() or {} for d in jax.local_devices()]
+  ndev = jax.device_count()
   out = {"recipe": name, "frames": frames, "tokens_per_frame": tokens_per_frame(geo), "batch": args.batch,
          "video_tokens": args.batch * frames * tokens_per_frame(geo),
          "packed_tokens": 2 * frames * tokens_per_frame(geo) if name != "sf_dmd" else None,
          "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
          "compile_s": round(compile_s, 1), "iters": iters, "median_step_s": med, "min_step_s": min(step_times),
          "mean_step_s": mean_time, "tokens_per_s": args.batch * frames * tokens_per_frame(geo) / med,
+         "tokens_per_s_per_device": args.batch * frames * tokens_per_frame(geo) / med / ndev, "devices": ndev,
+         "mesh": {k: int(v) for k, v in plan.mesh.shape.items()},
          "model_tflop_per_step": mean_flops / 1e12, "model_tflop_calls_step0": {k: v / 1e12 for k, v in
                                                                                detail["calls"].items()},
-         "mfu": mean_flops / mean_time / (args.peak_tflops * 1e12),
+         "mfu": mean_flops / mean_time / (args.peak_tflops * 1e12 * ndev),
          "losses_finite": bool(np.all(np.isfinite(losses))), "compiled_memory_bytes": mem,
-         "device_peak_bytes_so_far": int(stats.get("peak_bytes_in_use", 0)),
-         "device_bytes_limit": int(stats.get("bytes_limit", 0))}
+         "device_peak_bytes_so_far": max(int(st.get("peak_bytes_in_use", 0)) for st in stats),
+         "device_bytes_limit": min(int(st.get("bytes_limit", 0)) for st in stats)}
   if name == "sf_dmd":
     out["critic_steps"] = int(recipe.dmd.critic_steps)
-  del state, frozen, update, compiled, recipe, teacher
+  del state, frozen, update, compiled, recipe, teacher, batch
   gc.collect()
   return out
+
+
+def parse_mesh(items) -> dict:
+  """["fsdp=2", ...] -> every mesh axis's size (unnamed axes 1, data -1 if none is named), checked against the
+  device count and the batch before anything compiles."""
+  from rcm_jax.parallel import mesh as mesh_lib
+  spec = {a: 1 for a in mesh_lib.AXES}
+  if not items:
+    spec["data"] = -1
+  for item in items:
+    axis, _, n = item.partition("=")
+    if axis not in spec or not n.lstrip("-").isdigit():
+      raise SystemExit(f"--mesh {item!r}: expected AXIS=N with AXIS one of {list(mesh_lib.AXES)}")
+    spec[axis] = int(n)
+  return mesh_lib.resolve_shape(spec, jax.device_count())
 
 
 def tokens_per_frame(geo) -> int:
@@ -244,20 +266,23 @@ def is_oom(e: Exception) -> bool:
 # ------------------------------------------------------------------------------------------ report
 def markdown(result: dict) -> str:
   rows = result["rows"]
-  lines = [f"# Train-step benchmark ({result['device']}, jax {result['jax']}, {result['date']})", "",
+  lines = [f"# Train-step benchmark ({result['devices']} x {result['device']}, mesh {result['mesh']}, jax "
+           f"{result['jax']}, {result['date']})", "",
            f"Model {result['model']}, remat `{result['remat']}`, layers scanned, {result['dtype']} compute, fp32 "
            f"master params + AdamW + EMA, attention `{result['attention']}`, pattern c{result['chunk'][0]}-"
            f"{result['chunk'][1]}, batch {result['batch']}, {result['text_tokens']} text tokens. MFU = analytic "
-           f"model FLOPs (no remat recompute) / step time / {result['peak_tflops']} TFLOP/s.", "",
-           "| recipe | frames | tokens/video | step (median) | tokens/s | model TFLOP/step | MFU | compiled temp | "
-           "device peak so far | compile |", "|---|---|---|---|---|---|---|---|---|---|"]
+           f"model FLOPs (no remat recompute) / step time / {result['peak_tflops']} TFLOP/s per device. Memory per "
+           f"device (the largest over the devices).", "",
+           "| recipe | frames | tokens/video | step (median) | tokens/s | tokens/s/device | model TFLOP/step | MFU | "
+           "compiled temp | device peak so far | compile |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for name, r in rows.items():
     if "error" in r:
-      lines.append(f"| {name} | {r.get('frames', '')} | | failed: {r['error'][:120]} | | | | | | |")
+      lines.append(f"| {name} | {r.get('frames', '')} | | failed: {r['error'][:120]} | | | | | | | |")
       continue
     gib = lambda b: f"{b / 2**30:.1f} GiB"
     lines.append(f"| {name} | {r['frames']}{' (reduced)' if r.get('reduced_from') else ''} | {r['video_tokens']} | "
-                 f"{r['median_step_s'] * 1e3:.0f} ms | {r['tokens_per_s']:.0f} | {r['model_tflop_per_step']:.3g} | "
+                 f"{r['median_step_s'] * 1e3:.0f} ms | {r['tokens_per_s']:.0f} | {r['tokens_per_s_per_device']:.0f} | "
+                 f"{r['model_tflop_per_step']:.3g} | "
                  f"{100 * r['mfu']:.1f}% | {gib(r['compiled_memory_bytes'].get('temp_size_in_bytes', 0))} | "
                  f"{gib(r['device_peak_bytes_so_far'])} | {r['compile_s']} s |")
   lines += ["", "Targets:"]
@@ -286,7 +311,9 @@ def targets(rows: dict) -> list:
 
 
 def write(args, geo, dev, rows) -> str:
+  mesh = " x ".join(f"{a}={n}" for a, n in args.mesh.items())
   result = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+            "devices": jax.device_count(), "mesh": mesh,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": geo["size"],
             "dtype": geo["model"]["dtype"], "attention": geo["model"]["attention_impl"], "remat": args.remat,
             "chunk": list(args.chunk), "batch": args.batch, "text_tokens": geo["text_tokens"],
@@ -311,7 +338,10 @@ def main():
   ap.add_argument("--chunk", default=None, help="causal pattern first,chunk frames (default 3,3; --tiny: 2,2)")
   ap.add_argument("--remat", default=None, help="none | full | dots_saveable | attention_only (default full; "
                                                 "--tiny: none)")
-  ap.add_argument("--batch", type=int, default=1)
+  ap.add_argument("--batch", type=int, default=1, help="videos per step, split over the mesh's data x fsdp axes")
+  ap.add_argument("--mesh", nargs="*", default=[], metavar="AXIS=N",
+                  help="mesh axis sizes (data, fsdp, context, tensor; the others 1), e.g. fsdp=2 or context=2; "
+                       "their product must be the device count (default: data = all devices)")
   ap.add_argument("--iters", type=int, default=None, help="timed steps per recipe (default 5; --tiny: 2)")
   ap.add_argument("--critic_steps", type=int, default=None,
                   help="SF-DMD critic updates per student update (default: the paper's 5; --tiny: 1)")
@@ -323,10 +353,17 @@ def main():
   args.critic_steps = args.critic_steps or (1 if args.tiny else 5)
   args.remat = args.remat or ("none" if args.tiny else "full")
   args.iters = args.iters or (2 if args.tiny else 5)
+  args.mesh = parse_mesh(args.mesh)
+  from rcm_jax.parallel import mesh as mesh_lib
+  try:
+    mesh_lib.check_batch(args.batch, args.mesh)
+  except mesh_lib.MeshError as e:
+    raise SystemExit(f"train_step: {e} (the flag is --batch)") from None
   geo = shapes(args)
   dev = jax.devices()[0]
   print(f"device {dev.device_kind} ({dev.platform}) | jax {jax.__version__} | {geo['size']} | {args.frames} frames "
-        f"x {tokens_per_frame(geo)} tokens | remat {args.remat} | chunk {args.chunk}", flush=True)
+        f"x {tokens_per_frame(geo)} tokens | remat {args.remat} | chunk {args.chunk} | {jax.device_count()} devices, "
+        f"mesh {args.mesh}", flush=True)
   rows = {}
   for name in args.recipes.split(","):
     frames = args.frames

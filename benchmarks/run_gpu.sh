@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU benchmark phases, for the lent device machine (its Python lacks grain / ml_collections / tensorboardX:
+# ../shared/tools/gpu_wheels.sh puts them in .whl/, carried with the command). One call runs the phases named,
+# in order, each under its own time limit; the results of every phase so far are packed into $OUT/results.tgz
+# after each (the device tool returns at most 8 files) and the whole log is $OUT/log.txt.
+#   bash benchmarks/run_gpu.sh PHASE[:SECONDS] ...
+# Phases (the multi-GPU ones need 2 visible GPUs; single-GPU ones pin one card with CUDA_VISIBLE_DEVICES):
+#   steps1        train_step.py on 1 GPU: TF-dCM + TF-sCM on GPU 0 while SF-DMD runs on GPU 1 (two processes)
+#   fsdp2         train_step.py, mesh fsdp=2, batch 2 (one video per GPU): TF-sCM, SF-DMD
+#   context2      train_step.py, mesh context=2, batch 1 (Ulysses over the 65,520-token TF sequence): TF-sCM, SF-DMD
+#   check2        multi_gpu_check.py: toy TF-sCM losses on 1 vs 2 GPUs (fsdp=2, context=2), restore on 1
+#   stream_remat  streaming.py on GPU 0 while train_step.py TF runs the remat policies on GPU 1
+# SF-DMD runs 1 critic update per student update here (the paper's 5 multiplies the rollouts and critic steps).
+set -uo pipefail
+export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
+R=/tmp/res
+mkdir -p "$R" "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+nvidia-smi --query-gpu=index,name,memory.total --format=csv
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+TS="python3 benchmarks/train_step.py --critic_steps 1 --min_frames 9"
+on() { local gpus=$1; shift; CUDA_VISIBLE_DEVICES=$gpus "$@"; }
+for arg in "$@"; do
+  phase=${arg%%:*}; t=${arg#*:}; [ "$t" = "$arg" ] && t=300
+  echo "== $phase (limit $t s) $(date -u +%H:%M:%S)"
+  case $phase in
+    steps1)
+      on 0 timeout "$t" $TS --out $R/steps1_a --recipes tf_dcm,tf_scm --iters 3 > $R/steps1_a.log 2>&1 &
+      on 1 timeout "$t" $TS --out $R/steps1_b --recipes sf_dmd --iters 4 > $R/steps1_b.log 2>&1 &
+      wait; tail -n 25 $R/steps1_a.log $R/steps1_b.log ;;
+    fsdp2)
+      on 0,1 timeout "$t" $TS --out $R/fsdp2 --mesh fsdp=2 --batch 2 --recipes tf_scm,sf_dmd --iters 3 ;;
+    context2)
+      on 0,1 timeout "$t" $TS --out $R/context2 --mesh context=2 --recipes tf_scm,sf_dmd --iters 3 ;;
+    check2)
+      on 0,1 timeout "$t" python3 benchmarks/multi_gpu_check.py --out $R/check2 --meshes fsdp=2 context=2 ;;
+    stream_remat)
+      on 0 timeout "$t" python3 benchmarks/streaming.py --out $R/stream --patterns chunkwise --rows 2:noisy,4:clean \
+        --repeats 2 > $R/stream.log 2>&1 &
+      on 1 timeout "$t" python3 benchmarks/train_step.py --out $R/remat_dots --recipes tf --remat dots_saveable \
+        --iters 3 > $R/remat.log 2>&1 &
+      wait; tail -n 30 $R/stream.log $R/remat.log ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+  echo "== $phase exit $? $(date -u +%H:%M:%S)"
+  tar czf "$OUT/results.tgz" -C "$R" . 2>/dev/null
+done
+true
