@@ -2,13 +2,16 @@
 # The GPU benchmark phases, for the lent device machine (its Python lacks grain / ml_collections / tensorboardX:
 # ../shared/tools/gpu_wheels.sh puts them in .whl/, carried with the command). One call runs the phases named,
 # in order, each under its own time limit; the results of every phase so far are packed into $OUT/results.tgz
-# after each (the device tool returns at most 8 files) and the whole log is $OUT/log.txt.
+# after each (the device tool returns at most 8 files), the whole log is $OUT/log.txt, and processes that run
+# side by side log to $OUT/<phase>_*.log. `timeout -k`: a process that ignores SIGTERM (a handler waiting on a
+# long XLA call) is killed 10 s later. `wait` names its PIDs: a bare `wait` also waits for the log's `tee`.
 #   bash benchmarks/run_gpu.sh PHASE[:SECONDS] ...
 # Phases (the multi-GPU ones need 2 visible GPUs; single-GPU ones pin one card with CUDA_VISIBLE_DEVICES):
 #   steps1        train_step.py on 1 GPU: TF-dCM + TF-sCM on GPU 0 while SF-DMD runs on GPU 1 (two processes)
 #   fsdp2         train_step.py, mesh fsdp=2, batch 2 (one video per GPU): TF-sCM, SF-DMD
-#   context2      train_step.py, mesh context=2, batch 1 (Ulysses over the 65,520-token TF sequence): TF-sCM, SF-DMD
+#   context2      train_step.py, mesh context=2, batch 1 (Ulysses over the 65,520-token TF sequence): TF-sCM
 #   check2        multi_gpu_check.py: toy TF-sCM losses on 1 vs 2 GPUs (fsdp=2, context=2), restore on 1
+#   check2_stream check2 while streaming.py (2-step noisy, 4-step clean, chunk-wise) runs on GPU 1
 #   stream_remat  streaming.py on GPU 0 while train_step.py TF runs the remat policies on GPU 1
 # SF-DMD runs 1 critic update per student update here (the paper's 5 multiplies the rollouts and critic steps).
 set -uo pipefail
@@ -27,21 +30,27 @@ for arg in "$@"; do
   echo "== $phase (limit $t s) $(date -u +%H:%M:%S)"
   case $phase in
     steps1)
-      on 0 timeout "$t" $TS --out $R/steps1_a --recipes tf_dcm,tf_scm --iters 3 > $R/steps1_a.log 2>&1 &
-      on 1 timeout "$t" $TS --out $R/steps1_b --recipes sf_dmd --iters 4 > $R/steps1_b.log 2>&1 &
-      wait; tail -n 25 $R/steps1_a.log $R/steps1_b.log ;;
+      on 0 timeout -k 10 "$t" $TS --out $R/steps1_a --recipes tf_dcm,tf_scm --iters 3 > $OUT/steps1_a.log 2>&1 & a=$!
+      on 1 timeout -k 10 "$t" $TS --out $R/steps1_b --recipes sf_dmd --iters 4 > $OUT/steps1_b.log 2>&1 & b=$!
+      wait $a $b; tail -n 25 $OUT/steps1_a.log $OUT/steps1_b.log ;;
     fsdp2)
-      on 0,1 timeout "$t" $TS --out $R/fsdp2 --mesh fsdp=2 --batch 2 --recipes tf_scm,sf_dmd --iters 3 ;;
+      on 0,1 timeout -k 10 "$t" $TS --out $R/fsdp2 --mesh fsdp=2 --batch 2 --recipes tf_scm,sf_dmd --iters 3 ;;
     context2)
-      on 0,1 timeout "$t" $TS --out $R/context2 --mesh context=2 --recipes tf_scm,sf_dmd --iters 3 ;;
+      on 0,1 timeout -k 10 "$t" $TS --out $R/context2 --mesh context=2 --recipes tf_scm --iters 3 ;;
     check2)
-      on 0,1 timeout "$t" python3 benchmarks/multi_gpu_check.py --out $R/check2 --meshes fsdp=2 context=2 ;;
+      on 0,1 timeout -k 10 "$t" python3 benchmarks/multi_gpu_check.py --out $R/check2 --meshes fsdp=2 context=2 ;;
+    check2_stream)   # the toy check shares the cards (no preallocation); the stream keeps 80% of GPU 1
+      on 0,1 timeout -k 10 "$t" python3 benchmarks/multi_gpu_check.py --out $R/check2 --meshes fsdp=2 context=2 \
+        > $OUT/check2.log 2>&1 & a=$!
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.8 on 1 timeout -k 10 "$t" python3 benchmarks/streaming.py --out $R/stream \
+        --patterns chunkwise --rows 2:noisy,4:clean --repeats 2 > $OUT/stream.log 2>&1 & b=$!
+      wait $a $b; tail -n 30 $OUT/check2.log $OUT/stream.log ;;
     stream_remat)
-      on 0 timeout "$t" python3 benchmarks/streaming.py --out $R/stream --patterns chunkwise --rows 2:noisy,4:clean \
-        --repeats 2 > $R/stream.log 2>&1 &
-      on 1 timeout "$t" python3 benchmarks/train_step.py --out $R/remat_dots --recipes tf --remat dots_saveable \
-        --iters 3 > $R/remat.log 2>&1 &
-      wait; tail -n 30 $R/stream.log $R/remat.log ;;
+      on 0 timeout -k 10 "$t" python3 benchmarks/streaming.py --out $R/stream --patterns chunkwise --rows 2:noisy,4:clean \
+        --repeats 2 > $OUT/stream.log 2>&1 & a=$!
+      on 1 timeout -k 10 "$t" python3 benchmarks/train_step.py --out $R/remat_dots --recipes tf --remat dots_saveable \
+        --iters 3 > $OUT/remat.log 2>&1 & b=$!
+      wait $a $b; tail -n 30 $OUT/stream.log $OUT/remat.log ;;
     *) echo "unknown phase $phase" ;;
   esac
   echo "== $phase exit $? $(date -u +%H:%M:%S)"

@@ -191,9 +191,11 @@ def run_recipe(args, geo, name: str, frames: int) -> dict:
   batch = parallel.global_batch(plan, batch_np)
   rng = jax.random.key(3)
 
+  print(f"{name}: {frames} frames, compiling ...", flush=True)
   t0 = time.perf_counter()
   compiled = update.lower(state, frozen, batch, rng).compile()
   compile_s = time.perf_counter() - t0
+  print(f"{name}: compiled in {compile_s:.1f} s", flush=True)
   mem = compiled.memory_analysis()
   mem = {k: int(getattr(mem, k)) for k in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
                                             "alias_size_in_bytes") if mem is not None and hasattr(mem, k)}
@@ -208,6 +210,7 @@ def run_recipe(args, geo, name: str, frames: int) -> dict:
     jax.block_until_ready((state, metrics))
     dt = time.perf_counter() - t0
     losses.append(float(metrics["loss"]))
+    print(f"{name}: step {i} {dt * 1e3:.0f} ms{' (warm-up)' if i < 2 else ''}", flush=True)
     if i >= 2:
       step_times.append(dt)
       flops.append(model_flops(recipe, mcfg, frames, tokens_per_frame(geo), geo["text_tokens"], args.batch,
