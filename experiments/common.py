@@ -73,6 +73,8 @@ def curve(train_cfg, eval_cfg, workdir: str, data_root: str, *, iters: int, ever
   Returns one record per evaluation: iteration, metrics per sampler setting, and the seconds per iteration of
   the segment (compilation excluded: the first segment's time, which includes it, is reported separately)."""
   records = []
+  path = os.path.join(workdir, "curve.json")
+  before = {r["iteration"]: r for r in read_json(path)} if os.path.exists(path) else {}
   for k, it in enumerate(range(every, iters + 1, every)):
     cfg = ml_collections.ConfigDict(train_cfg.to_dict())
     cfg.train.num_steps = it
@@ -86,8 +88,10 @@ def curve(train_cfg, eval_cfg, workdir: str, data_root: str, *, iters: int, ever
     ev = evaluate(ecfg, os.path.join(workdir, f"eval_{it:06d}"), data_root)
     rec = {"iteration": it, "rows": ev["rows"], "loss": res.get("final_loss"),
            "seconds": round(seconds, 2) if fresh else None, "includes_compile": k == 0}
+    if not fresh and it in before:   # a resumed study keeps the timing its first run measured
+      rec["seconds"], rec["includes_compile"] = before[it].get("seconds"), before[it].get("includes_compile", k == 0)
     records.append(rec)
-    with open(os.path.join(workdir, "curve.json"), "w") as f:
+    with open(path, "w") as f:
       json.dump(records, f, indent=1)
   return records
 
