@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -389,8 +390,9 @@ def main():
           print(f"{name}: out of memory at {frames} frames; retrying at {smaller}", flush=True)
           frames = smaller
           continue
-        rows[name] = {"frames": frames, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
-        print(f"{name}: FAILED at {frames} frames: {type(e).__name__}: {str(e)[:500]}", flush=True)
+        tb = traceback.format_exc()
+        rows[name] = {"frames": frames, "error": f"{type(e).__name__}: {str(e)[:2000]}", "traceback": tb[-6000:]}
+        print(f"{name}: FAILED at {frames} frames:\n{tb[-6000:]}", flush=True)
         break
     write(args, geo, dev, rows)   # after every recipe: a run cut short keeps what it measured
   md = write(args, geo, dev, rows)

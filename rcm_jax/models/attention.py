@@ -13,6 +13,11 @@ exchange is made of linear collectives, so `jax.jvp` tangents (the sCM path, thr
 and gradients go through the same all-to-alls. Keys/values whose length the context axis does not divide, or
 an unmasked cross-attention against a short context, stay whole on every device (each device takes its own
 heads, or, unmasked, keeps its query slice and needs no exchange at all).
+
+Data / FSDP / tensor parallelism without a context axis: XLA cannot split the Pallas kernel (a custom call, which
+GSPMD runs whole on every device after gathering its operands: measured on 2 H100s, an FSDP TF-sCM step did both
+videos' attention on each card). So with impl "pallas" under a mesh of more than one device the kernel runs
+inside the same `shard_map` with no exchange: batch over the `batch` rule's axes, heads over the `heads` rule's.
 """
 from __future__ import annotations
 
@@ -61,9 +66,19 @@ def attention(q, k, v, mask: Mask | None = None, *, impl: str = "xla"):
   if impl not in IMPLS:
     raise ValueError(f"unknown attention impl {impl!r}; use one of {IMPLS}.")
   mesh = context_mesh()
+  if mesh is None and impl == "pallas":
+    mesh = kernel_mesh()
   if mesh is None:
     return _local_attention(q, k, v, mask, impl)
   return ulysses_attention(q, k, v, mask, impl=impl, mesh=mesh)
+
+
+def kernel_mesh():
+  """The ambient (abstract) mesh if any of its axes not already manual has size > 1, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or all(mesh.shape[a] == 1 or a in mesh.manual_axes for a in mesh.axis_names):
+    return None
+  return mesh
 
 
 def _axes_that_divide(axes, mesh, size: int):
@@ -79,11 +94,12 @@ def ulysses_attention(q, k, v, mask: Mask | None = None, *, impl: str, mesh):
 
   Needs c | Lq and c | H (and c | Hkv): otherwise a `MeshError` naming the numbers, at trace time (before any
   compilation). The batch is split over the `batch` rule's axes and heads over the `heads` rule's axes where
-  those divide the sizes (`rcm_jax.parallel.sharding.current_rules`).
+  those divide the sizes (`rcm_jax.parallel.sharding.current_rules`). With c = 1 (or no context axis) there is
+  no exchange: the kernel runs on each device's batch / head shard.
   """
   from rcm_jax.parallel import mesh as mesh_lib          # lazy: parallel imports nothing from models
   from rcm_jax.parallel import sharding as sharding_lib
-  c = int(mesh.shape[CONTEXT])
+  c = int(mesh.shape[CONTEXT]) if CONTEXT in mesh.axis_names and CONTEXT not in mesh.manual_axes else 1
   b, lq, h, _ = q.shape
   lk, hkv = k.shape[1], k.shape[2]
   mesh_lib.check_context({CONTEXT: c}, num_tokens=lq, num_heads=h)
@@ -99,8 +115,9 @@ def ulysses_attention(q, k, v, mask: Mask | None = None, *, impl: str, mesh):
   # k/v split along the sequence (and exchanged) when c divides Lk and they are this sequence's keys (a mask,
   # or Lk == Lq); an unmasked cross-attention to a short context keeps k/v whole.
   kv_split = lk % c == 0 and (mask is not None or lk == lq)
-  q_spec = P(batch_ax, CONTEXT, head_ax, None)
-  kv_spec = P(batch_ax, CONTEXT if kv_split else None, head_ax, None)
+  seq_ax = CONTEXT if c > 1 else None
+  q_spec = P(batch_ax, seq_ax, head_ax, None)
+  kv_spec = P(batch_ax, seq_ax if kv_split else None, head_ax, None)
 
   def a2a_seq_to_heads(x):   # [b, L/c, h, D] -> [b, L, h/c, D]
     return jax.lax.all_to_all(x, CONTEXT, split_axis=2, concat_axis=1, tiled=True)
@@ -110,8 +127,8 @@ def ulysses_attention(q, k, v, mask: Mask | None = None, *, impl: str, mesh):
     return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(CONTEXT) * n, n, axis=2)
 
   def body(q, k, v):
-    if not kv_split and mask is None:   # unmasked, whole k/v: each query slice attends on its own
-      return _local_attention(q, k, v, None, impl)
+    if c == 1 or (not kv_split and mask is None):   # no exchange: c = 1, or unmasked whole k/v
+      return _local_attention(q, k, v, mask, impl)
     q = a2a_seq_to_heads(q)
     if kv_split:
       k, v = a2a_seq_to_heads(k), a2a_seq_to_heads(v)

@@ -73,6 +73,11 @@ def configure_jax(config) -> None:
   """Process-wide JAX flags a config needs: hijax primitives (the Pallas attention) under remat need remat3."""
   if config.model.attention_impl == "pallas":
     jax.config.update("jax_remat3", True)
+    if int(dict(config.get("mesh", {})).get("context", 1)) != 1:
+      # jax 0.11.2 (the GPU stack) loses the kernel's hoisted constants from a shard_map's in_specs when it
+      # prunes a step whose Ulysses shard_map sits in the layer scan (AssertionError in partition_list, seen on
+      # 2 H100s and reproduced on CPU); the simplified constant handling avoids it. jax 0.12 works either way.
+      jax.config.update("jax_use_simplified_jaxpr_constants", True)
 
 
 def make_world(config):
