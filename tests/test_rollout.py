@@ -69,6 +69,24 @@ def test_rolling_window_with_sinks_reuses_slots(noisy_context, cache_keys):
   assert plan.cache_frames == 2 < 6   # sink + one window block, slots reused
 
 
+@pytest.mark.parametrize("cache_keys", ["post_rope", pytest.param("pre_rope", marks=SLOW)])
+def test_bf16_model_cache_in_compute_dtype_gives_the_same_frames_as_fp32(cache_keys):
+  # the training rollout keeps its cache in the compute dtype (half the memory of fp32 for a bf16 model);
+  # attention reads k/v in that dtype, so the frames must be bit-identical to an fp32 cache's
+  cfg = CFG.replace(dtype="bfloat16")
+  model, params = WanModel(cfg), _params(cfg, seed=3)
+  noise, cond, null = _inputs(4, seed=5)
+  plan = rollout.make_plan(BlockPattern(1, 1), 4)
+  kw = dict(plan=plan, schedules=rollout.schedules_for(plan, "consistency", 2), noisy_context=False,
+            cache_keys=cache_keys, rng=jax.random.key(2))
+  b16 = rollout.rollout(model, params, noise, cond, null, **kw)
+  f32 = rollout.rollout(model, params, noise, cond, null, **kw,
+                        cache=rollout.init_cache(model, plan, B, 4, "float32"))
+  assert rollout.init_cache(model, plan, B, 4, cfg.compute_dtype)["k"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(b16), np.asarray(f32))
+  assert float(jnp.max(jnp.abs(b16))) > 0
+
+
 @SLOW
 def test_scan_layers_cache_path():
   cfg = CFG.replace(scan_layers=True)

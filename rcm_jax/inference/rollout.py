@@ -332,8 +332,8 @@ def rollout_chunks(model, params, noise, cond: dict, null: dict | None = None, *
   """
   schedules = check_rollout_args(plan, schedules, solver, noisy_context, cache_keys)
   b = noise.shape[0] * (1 if cfg_scale == 1.0 else 2)
-  if cache is None:
-    cache = init_cache(model, plan, b, _tpf(model, noise))
+  if cache is None:   # in the compute dtype: attention reads k/v in it, so a bf16 model's bf16 cache is exact
+    cache = init_cache(model, plan, b, _tpf(model, noise), model.config.compute_dtype)
   rng = jax.random.key(0) if rng is None else rng
   null = cond if null is None else null
   for i, (f0, f1) in enumerate(plan.blocks):
