@@ -192,7 +192,6 @@ class WanModel(nn.Module):
     if kv_cache is not None:
       cache_rope = None if cache_positions is None else rope_tables(
           cache_positions, hp, wp, head_dim=cfg.head_dim, theta=cfg.rope_theta, max_len=cfg.rope_max_seq_len)
-      block_cls = WanBlock   # write_at is a static slot
       if cfg.scan_layers:
         blocks = block_cls(cfg, mask=mask, name="blocks")
         h, (new_k, new_v) = nn.scan(
