@@ -14,7 +14,9 @@ data=1; e.g. `fsdp=2` or `context=2`, the other axes 1; the mesh takes every vis
 under `nn.scan`, the remat policy of `--remat`. The batch: one video of `--frames` latent frames of 60 x 104 x 16
 (480p: 1560 tokens per frame after the 1x2x2 patchify) and 512 random umT5-sized text tokens; the causal pattern
 is chunk-wise c3-3 (`--chunk`). Teacher-forcing stages run the packed [clean | noisy] sequence (2 x frames x
-1560 tokens); TF-dCM / TF-sCM read a causal teacher, SF-DMD a bidirectional one (CFG 2 calls) and a critic.
+1560 tokens); TF-dCM / TF-sCM read a causal teacher, SF-DMD a bidirectional one (CFG 2 calls) and a critic; SF-DMD runs
+with replayed backprop (`dmd.replay_backprop`: one KV cache kept for the backward pass, not one per chunk)
+unless `--no_replay`.
 
 Per recipe: median step time over `--iters` steps after two warm-up steps (SF-DMD: whole cycles of its exit
 steps), tokens/s (the video's latent tokens per second), model FLOPs counted analytically (`model_flops`:
@@ -89,7 +91,7 @@ def make_config(args, geo, recipe: str, frames: int):
   c.scm.warmup_steps = 100
   c.scm.max_xla_tokens = 10**9 if args.tiny else c.scm.max_xla_tokens
   c.dmd = dict(schedule=(1600 / 1601, 15 / 16, 5 / 6, 5 / 8, 0.0), critic_steps=args.critic_steps, time_shift=5.0,
-               noisy_context=False, cache_keys="post_rope", cache_frames=0, replay_backprop=False)
+               noisy_context=False, cache_keys="post_rope", cache_frames=0, replay_backprop=not args.no_replay)
   c.optim_critic = dict(lr=4e-7, b1=0.0, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0)
   return c
 
@@ -349,6 +351,9 @@ def main():
   ap.add_argument("--iters", type=int, default=None, help="timed steps per recipe (default 5; --tiny: 2)")
   ap.add_argument("--critic_steps", type=int, default=None,
                   help="SF-DMD critic updates per student update (default: the paper's 5; --tiny: 1)")
+  ap.add_argument("--no_replay", action="store_true",
+                  help="SF-DMD without replayed backprop (one KV-cache copy per chunk kept for the backward pass; "
+                       "does not fit at 21 frames on one H100)")
   ap.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                   help="the peak MFU divides by (H100 SXM bf16 dense: 989)")
   args = ap.parse_args()

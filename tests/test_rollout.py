@@ -1,8 +1,12 @@
 """KV-cache rollout (rcm_jax/inference/rollout.py) against the uncached causal sampler, block by block."""
+import contextlib
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from rcm_jax.inference import causal_sample, rollout
 from rcm_jax.models.config import get_config
@@ -91,9 +95,6 @@ def test_remat_policy_applies_on_the_kv_cache_path():
   # SF-DMD backpropagates through every chunk's exit step of a cached rollout: under remat "full" the backward
   # keeps no per-layer activations (nothing of the FFN's hidden width, 88 here, unlike any other tensor), and
   # the gradients equal those without remat. (The cache path once ignored the policy: 373 GiB at Wan 1.3B.)
-  import contextlib
-  import io
-  from jax.ad_checkpoint import print_saved_residuals
   noise, cond, null = _inputs(4, seed=2)
   plan = rollout.make_plan(BlockPattern(2, 2), 4)
   grads, residuals = {}, {}
@@ -115,6 +116,35 @@ def test_remat_policy_applies_on_the_kv_cache_path():
   for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["full"])):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=1e-6)
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["full"])) > 0
+
+
+@pytest.mark.parametrize("noisy_context,cache_keys", [(False, "post_rope"), (True, "pre_rope")])
+def test_replayed_backprop_keeps_one_cache_and_gives_the_same_frames_and_gradients(noisy_context, cache_keys):
+  noise, cond, null = _inputs(6, seed=6)
+  plan = rollout.make_plan(BlockPattern(2, 2), 6)          # 3 chunks, cache of 4 frames x 4 tokens
+  cfg = CFG.replace(scan_layers=True, remat_policy="full")   # as SF-DMD trains: the blocks keep only inputs
+  model, params = WanModel(cfg), _params(cfg, seed=8)
+  s_tokens = plan.cache_frames * 4
+  out, grads, cache_copies = {}, {}, {}
+  for replay in (False, True):
+    def loss(p, replay=replay):
+      x = rollout.rollout(model, p, noise, cond, null, plan=plan, schedules=rollout.schedules_for(
+          plan, "consistency", 2), exit_steps=[2, 1, 2], rng=jax.random.key(3), noisy_context=noisy_context,
+          cache_keys=cache_keys, replay_backprop=replay)
+      return jnp.sum(jnp.square(x)), x
+    (_, out[replay]), grads[replay] = jax.value_and_grad(loss, has_aux=True)(params)
+    lines = io.StringIO()
+    with contextlib.redirect_stdout(lines):
+      print_saved_residuals(lambda p: loss(p)[0], params)
+    cache_copies[replay] = sum(f",{s_tokens},2,24]" in l for l in lines.getvalue().splitlines())
+  np.testing.assert_array_equal(np.asarray(out[True]), np.asarray(out[False]))
+  for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+  # k and v [layers, B, S, H, Dh]: one copy per chunk without replay, the final cache alone with it
+  assert cache_copies[False] == 6 and cache_copies[True] == 2, cache_copies
+  assert rollout.final_cache_serves_every_chunk(plan)
+  assert not rollout.final_cache_serves_every_chunk(
+      rollout.make_plan(BlockPattern(1, 1, local_blocks=2, sink_blocks=1), 6))
 
 
 @SLOW

@@ -28,7 +28,13 @@ or the noisy exit-step inputs at their times) plus the chunk under `masks.block_
 included): the same frames as the cached path, at O(frames) cost per chunk (a reference and a fallback).
 
 Gradients (SF-DMD): only the exit step's network call sees `params`; the steps before it (`prefix_params`),
-their inputs and every cache write are under stop_gradient.
+their inputs and every cache write are under stop_gradient. The backward pass of chunk i's exit call needs the
+cache as chunk i saw it, so a plain rollout keeps one cache copy per chunk (at Wan 1.3B, 21 frames: about
+1.1 GiB per layer in bf16). Replayed backprop (`replay_backprop=True`) keeps one: a first pass runs the whole
+rollout without gradients and keeps each chunk's exit-step input, then each chunk's exit call runs again with
+gradients against the final cache, whose slots seen by chunk i still hold what they held then (its mask hides
+the rest). That costs one more network call per chunk. Plans that reuse slots (a rolling window shorter than
+the video) fall back to rematerialising each exit call.
 """
 from __future__ import annotations
 
@@ -328,9 +334,16 @@ def rollout_chunks(model, params, noise, cond: dict, null: dict | None = None, *
   """Generator over blocks: yields (i, x0_i [B, n_i, H, W, C], cache after block i). noise: [B, T, H, W, C].
 
   schedules: per-chunk static times; exit_steps: None (run every step) or [num_blocks] ints (may be traced).
-  Chunk i's rng is fold_in(rng, i).
+  Chunk i's rng is fold_in(rng, i). replay_backprop with exit_steps (module docstring): the same blocks, each
+  yielded with the final cache.
   """
   schedules = check_rollout_args(plan, schedules, solver, noisy_context, cache_keys)
+  if replay_backprop and exit_steps is not None and final_cache_serves_every_chunk(plan):
+    yield from _replayed_rollout_chunks(model, params, noise, cond, null, plan=plan, schedules=schedules,
+                                        solver=solver, cfg_scale=cfg_scale, noisy_context=noisy_context,
+                                        cache_keys=cache_keys, rng=rng, exit_steps=exit_steps,
+                                        prefix_params=prefix_params, cache=cache)
+    return
   b = noise.shape[0] * (1 if cfg_scale == 1.0 else 2)
   if cache is None:   # in the compute dtype: attention reads k/v in it, so a bf16 model's bf16 cache is exact
     cache = init_cache(model, plan, b, _tpf(model, noise), model.config.compute_dtype)
@@ -344,6 +357,41 @@ def rollout_chunks(model, params, noise, cond: dict, null: dict | None = None, *
                            exit_step=None if exit_steps is None else exit_steps[i],
                            replay_backprop=replay_backprop)
     yield i, x0, cache
+
+
+def final_cache_serves_every_chunk(plan: CachePlan) -> bool:
+  """Does every slot a chunk sees hold the same block in the last view (no slot is ever reused)?"""
+  last = plan.views[-1]
+  return all(j < 0 or j == last[s] for view in plan.views for s, j in enumerate(view))
+
+
+def _replayed_rollout_chunks(model, params, noise, cond, null, *, plan, schedules, solver, cfg_scale, noisy_context,
+                             cache_keys, rng, exit_steps, prefix_params, cache):
+  """`rollout_chunks` with replayed backprop (module docstring): yields (i, x0_i, final cache)."""
+  sg = jax.lax.stop_gradient
+  tpf = _tpf(model, noise)
+  b = noise.shape[0] * (1 if cfg_scale == 1.0 else 2)
+  cache = init_cache(model, plan, b, tpf, model.config.compute_dtype) if cache is None else cache
+  rng = jax.random.key(0) if rng is None else rng
+  null = cond if null is None else null
+  frozen = sg(params if prefix_params is None else prefix_params)
+  exits = []
+  for i, (f0, f1) in enumerate(plan.blocks):   # pass 1: no gradients; each chunk's exit-step input
+    geom, pos = chunk_geometry(plan, i, tpf), chunk_positions(plan, i, tpf)
+    net = partial(_net, model, cond=slice_cond(cond, f0, f1), null=slice_cond(null, f0, f1), cache=cache, geom=geom,
+                  pos=pos, cfg_scale=cfg_scale, cache_keys=cache_keys)
+    _, cache, x_exit = _denoise(lambda p, x, t, write: net(p, x, t, write=write), frozen, None, noise[:, f0:f1],
+                                schedules[i], solver=solver, noisy_context=noisy_context, write=geom.write,
+                                rng=jax.random.fold_in(rng, i), exit_step=exit_steps[i], replay_backprop=False)
+    exits.append(sg(x_exit))
+  cache = sg(cache)
+  for i, (f0, f1) in enumerate(plan.blocks):   # pass 2: each exit call with gradients, on the final cache
+    times = jnp.asarray(schedules[i], jnp.float32)
+    t_exit = times[exit_steps[i] - 1]
+    v, _ = _net(model, params, exits[i], t_exit, slice_cond(cond, f0, f1), slice_cond(null, f0, f1), cache,
+                geom=chunk_geometry(plan, i, tpf), pos=chunk_positions(plan, i, tpf), cfg_scale=cfg_scale,
+                cache_keys=cache_keys, write=False)
+    yield i, flow.x0_from_velocity(exits[i], t_exit, v), cache
 
 
 def rollout(model, params, noise, cond: dict, null: dict | None = None, **kwargs):

@@ -9,7 +9,8 @@ per update (a non-finite update is skipped and counted in `nan_total`), the stud
 Student rollout (`rcm_jax.inference.rollout`, one implementation with streaming): chunk by chunk with a KV
 cache, every chunk on the `dmd.schedule` times; the exit step cycles with the iteration, `(step % max_steps) + 1`;
 only the exit step of each chunk keeps gradients, cache writes are no-grad (clean t=0 pass, or the exit step's
-K/V with `dmd.noisy_context`). `dmd.replay_backprop` rebuilds each chunk's exit call in the backward pass.
+K/V with `dmd.noisy_context`). `dmd.replay_backprop` keeps one KV cache for the backward pass, not one per
+chunk, at one more network call per chunk (`rcm_jax.inference.rollout`; for video-length rollouts at scale).
 DMD: G diffused to t ~ UniformShift(dmd.time_shift), x0_fake = critic (initialised from the teacher), x0_real =
 teacher with CFG teacher.cfg_scale (paper: 5), grad = (x0_fake - x0_real) / mean|G - x0_real|,
 loss = mean (G - sg(G - grad))^2.
