@@ -448,6 +448,25 @@ def test_context_axis_that_does_not_divide_the_sequence_or_heads_fails_before_co
 
 
 # ------------------------------------------------------------------------------------------ errors, in-process
+def test_configure_jax_sets_the_flags_the_kernel_needs_under_a_mesh():
+  from rcm_jax.training import setup
+  names = ("jax_use_simplified_jaxpr_constants", "jax_remat3")
+  before = {n: getattr(jax.config, n) for n in names}
+  try:
+    cfg = _config("configs/toy/causal.py")
+    cfg.model.attention_impl = "pallas"
+    cfg.mesh = dict(data=1, fsdp=1, context=1, tensor=1)
+    jax.config.update(names[0], False)
+    setup.configure_jax(cfg)
+    assert jax.config.jax_remat3 and not jax.config.jax_use_simplified_jaxpr_constants   # one device: unchanged
+    cfg.mesh = dict(data=1, fsdp=2, context=1, tensor=1)
+    setup.configure_jax(cfg)
+    assert jax.config.jax_use_simplified_jaxpr_constants   # jax 0.11.2's shard_map-in-scan workaround
+  finally:
+    for n, v in before.items():
+      jax.config.update(n, v)
+
+
 def test_mesh_shape_resolves_minus_one_and_names_the_numbers():
   from rcm_jax.parallel import mesh as mesh_lib
   assert mesh_lib.resolve_shape(dict(data=-1, fsdp=4), 8) == dict(data=2, fsdp=4, context=1, tensor=1)

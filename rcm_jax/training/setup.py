@@ -73,10 +73,11 @@ def configure_jax(config) -> None:
   """Process-wide JAX flags a config needs: hijax primitives (the Pallas attention) under remat need remat3."""
   if config.model.attention_impl == "pallas":
     jax.config.update("jax_remat3", True)
-    if int(dict(config.get("mesh", {})).get("context", 1)) != 1:
-      # jax 0.11.2 (the GPU stack) loses the kernel's hoisted constants from a shard_map's in_specs when it
-      # prunes a step whose Ulysses shard_map sits in the layer scan (AssertionError in partition_list, seen on
-      # 2 H100s and reproduced on CPU); the simplified constant handling avoids it. jax 0.12 works either way.
+    if any(int(n) != 1 for n in dict(config.get("mesh", {"data": -1})).values()):
+      # Under a mesh the kernel runs inside shard_map (rcm_jax.models.attention). jax 0.11.2 (the GPU stack)
+      # loses the kernel's hoisted constants from a shard_map's in_specs when it prunes a step whose shard_map
+      # sits in the layer scan (AssertionError in partition_list: seen on 2 H100s with context=2, reproduced on
+      # CPU with fsdp=2 and context=2); the simplified constant handling avoids it. jax 0.12 works either way.
       jax.config.update("jax_use_simplified_jaxpr_constants", True)
 
 
