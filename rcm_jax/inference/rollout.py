@@ -295,7 +295,7 @@ def _denoise(net, params, prefix_params, noise, times, *, solver, noisy_context,
 
 def chunk_step(model, params, cache, noise, cond, null, *, plan: CachePlan, i: int, times, solver="consistency",
                cfg_scale=1.0, noisy_context=False, cache_keys="post_rope", rng=None, exit_step=None,
-               prefix_params=None, replay_backprop=False, geom=None, pos=None):
+               prefix_params=None, replay_backprop=False, geom=None, pos=None, with_exit_input=False):
   """Denoise block i: noise [B, n, H, W, C] (the block's frames), cond/null already sliced to the block.
 
   times: the chunk's static schedule (n_steps + 1). exit_step: 1..n_steps (may be traced; default n_steps):
@@ -303,6 +303,7 @@ def chunk_step(model, params, cache, noise, cond, null, *, plan: CachePlan, i: i
   `x0 = x - t v_params(x, t)` keeps gradients and is the block's output. Returns (x0 [B, n, ...], new cache),
   the cache stop-gradient'ed. rng: the chunk's key; step s uses the s-th split (as `causal_sample.sample`).
   geom/pos: the chunk's static geometry and (possibly traced) positions; default: from plan and i.
+  with_exit_input: also return the exit step's input (replayed backprop reruns the exit call from it).
   """
   tpf = _tpf(model, noise)
   geom = chunk_geometry(plan, i, tpf) if geom is None else geom
@@ -310,9 +311,9 @@ def chunk_step(model, params, cache, noise, cond, null, *, plan: CachePlan, i: i
   cache = jax.lax.stop_gradient(cache)
   net = lambda p, x, t, write: _net(model, p, x, t, cond, null, cache, geom=geom, pos=pos, cfg_scale=cfg_scale,
                                     cache_keys=cache_keys, write=write)
-  x0, cache, _ = _denoise(net, params, prefix_params, noise, times, solver=solver, noisy_context=noisy_context,
-                          write=geom.write, rng=rng, exit_step=exit_step, replay_backprop=replay_backprop)
-  return x0, cache
+  x0, cache, x_exit = _denoise(net, params, prefix_params, noise, times, solver=solver, noisy_context=noisy_context,
+                               write=geom.write, rng=rng, exit_step=exit_step, replay_backprop=replay_backprop)
+  return (x0, cache, x_exit) if with_exit_input else (x0, cache)
 
 
 # ----------------------------------------------------------------------------- whole rollout
@@ -338,17 +339,17 @@ def rollout_chunks(model, params, noise, cond: dict, null: dict | None = None, *
   yielded with the final cache.
   """
   schedules = check_rollout_args(plan, schedules, solver, noisy_context, cache_keys)
-  if replay_backprop and exit_steps is not None and final_cache_serves_every_chunk(plan):
-    yield from _replayed_rollout_chunks(model, params, noise, cond, null, plan=plan, schedules=schedules,
-                                        solver=solver, cfg_scale=cfg_scale, noisy_context=noisy_context,
-                                        cache_keys=cache_keys, rng=rng, exit_steps=exit_steps,
-                                        prefix_params=prefix_params, cache=cache)
-    return
   b = noise.shape[0] * (1 if cfg_scale == 1.0 else 2)
   if cache is None:   # in the compute dtype: attention reads k/v in it, so a bf16 model's bf16 cache is exact
     cache = init_cache(model, plan, b, _tpf(model, noise), model.config.compute_dtype)
   rng = jax.random.key(0) if rng is None else rng
   null = cond if null is None else null
+  if replay_backprop and exit_steps is not None and final_cache_serves_every_chunk(plan):
+    yield from _replayed_rollout_chunks(model, params, noise, cond, null, cache, plan=plan, schedules=schedules,
+                                        solver=solver, cfg_scale=cfg_scale, noisy_context=noisy_context,
+                                        cache_keys=cache_keys, rng=rng, exit_steps=exit_steps,
+                                        prefix_params=prefix_params)
+    return
   for i, (f0, f1) in enumerate(plan.blocks):
     x0, cache = chunk_step(model, params, cache, noise[:, f0:f1], slice_cond(cond, f0, f1),
                            slice_cond(null, f0, f1), plan=plan, i=i, times=schedules[i], solver=solver,
@@ -365,29 +366,21 @@ def final_cache_serves_every_chunk(plan: CachePlan) -> bool:
   return all(j < 0 or j == last[s] for view in plan.views for s, j in enumerate(view))
 
 
-def _replayed_rollout_chunks(model, params, noise, cond, null, *, plan, schedules, solver, cfg_scale, noisy_context,
-                             cache_keys, rng, exit_steps, prefix_params, cache):
+def _replayed_rollout_chunks(model, params, noise, cond, null, cache, *, plan, schedules, solver, cfg_scale,
+                             noisy_context, cache_keys, rng, exit_steps, prefix_params):
   """`rollout_chunks` with replayed backprop (module docstring): yields (i, x0_i, final cache)."""
   sg = jax.lax.stop_gradient
   tpf = _tpf(model, noise)
-  b = noise.shape[0] * (1 if cfg_scale == 1.0 else 2)
-  cache = init_cache(model, plan, b, tpf, model.config.compute_dtype) if cache is None else cache
-  rng = jax.random.key(0) if rng is None else rng
-  null = cond if null is None else null
   frozen = sg(params if prefix_params is None else prefix_params)
   exits = []
   for i, (f0, f1) in enumerate(plan.blocks):   # pass 1: no gradients; each chunk's exit-step input
-    geom, pos = chunk_geometry(plan, i, tpf), chunk_positions(plan, i, tpf)
-    net = partial(_net, model, cond=slice_cond(cond, f0, f1), null=slice_cond(null, f0, f1), cache=cache, geom=geom,
-                  pos=pos, cfg_scale=cfg_scale, cache_keys=cache_keys)
-    _, cache, x_exit = _denoise(lambda p, x, t, write: net(p, x, t, write=write), frozen, None, noise[:, f0:f1],
-                                schedules[i], solver=solver, noisy_context=noisy_context, write=geom.write,
-                                rng=jax.random.fold_in(rng, i), exit_step=exit_steps[i], replay_backprop=False)
+    _, cache, x_exit = chunk_step(model, frozen, cache, noise[:, f0:f1], slice_cond(cond, f0, f1),
+                                  slice_cond(null, f0, f1), plan=plan, i=i, times=schedules[i], solver=solver,
+                                  cfg_scale=cfg_scale, noisy_context=noisy_context, cache_keys=cache_keys,
+                                  rng=jax.random.fold_in(rng, i), exit_step=exit_steps[i], with_exit_input=True)
     exits.append(sg(x_exit))
-  cache = sg(cache)
   for i, (f0, f1) in enumerate(plan.blocks):   # pass 2: each exit call with gradients, on the final cache
-    times = jnp.asarray(schedules[i], jnp.float32)
-    t_exit = times[exit_steps[i] - 1]
+    t_exit = jnp.asarray(schedules[i], jnp.float32)[exit_steps[i] - 1]
     v, _ = _net(model, params, exits[i], t_exit, slice_cond(cond, f0, f1), slice_cond(null, f0, f1), cache,
                 geom=chunk_geometry(plan, i, tpf), pos=chunk_positions(plan, i, tpf), cfg_scale=cfg_scale,
                 cache_keys=cache_keys, write=False)
