@@ -354,6 +354,8 @@ def main():
   ap.add_argument("--no_replay", action="store_true",
                   help="SF-DMD without replayed backprop (one KV-cache copy per chunk kept for the backward pass; "
                        "does not fit at 21 frames on one H100)")
+  ap.add_argument("--attention", default=None, help="attention_impl override (pallas | cudnn | xla; default pallas, "
+                                                   "--tiny: xla; pallas on CPU runs in interpret mode)")
   ap.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                   help="the peak MFU divides by (H100 SXM bf16 dense: 989)")
   args = ap.parse_args()
@@ -369,6 +371,8 @@ def main():
   except mesh_lib.MeshError as e:
     raise SystemExit(f"train_step: {e} (the flag is --batch)") from None
   geo = shapes(args)
+  if args.attention:
+    geo["model"]["attention_impl"] = args.attention
   dev = jax.devices()[0]
   print(f"device {dev.device_kind} ({dev.platform}) | jax {jax.__version__} | {geo['size']} | {args.frames} frames "
         f"x {tokens_per_frame(geo)} tokens | remat {args.remat} | chunk {args.chunk} | {jax.device_count()} devices, "
