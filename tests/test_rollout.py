@@ -137,9 +137,10 @@ def test_replayed_backprop_keeps_one_cache_and_gives_the_same_frames_and_gradien
     with contextlib.redirect_stdout(lines):
       print_saved_residuals(lambda p: loss(p)[0], params)
     cache_copies[replay] = sum(f",{s_tokens},2,24]" in l for l in lines.getvalue().splitlines())
-  np.testing.assert_array_equal(np.asarray(out[True]), np.asarray(out[False]))
-  for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+  # the replayed exit calls run as one call over the video: the same frames up to float reassociation
+  np.testing.assert_allclose(np.asarray(out[True]), np.asarray(out[False]), rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):   # f32 sums reordered: leaf scale
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a))))
   # k and v [layers, B, S, H, Dh]: one copy per chunk without replay, the final cache alone with it
   assert cache_copies[False] == 6 and cache_copies[True] == 2, cache_copies
   assert rollout.final_cache_serves_every_chunk(plan)

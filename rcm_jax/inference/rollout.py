@@ -33,8 +33,10 @@ cache as chunk i saw it, so a plain rollout keeps one cache copy per chunk (at W
 1.1 GiB per layer in bf16). Replayed backprop (`replay_backprop=True`) keeps one: a first pass runs the whole
 rollout without gradients and keeps each chunk's exit-step input, then each chunk's exit call runs again with
 gradients against the final cache, whose slots seen by chunk i still hold what they held then (its mask hides
-the rest). That costs one more network call per chunk. Plans that reuse slots (a rolling window shorter than
-the video) fall back to rematerialising each exit call.
+the rest). That costs one more network call per chunk. The exit calls run as one call over the whole video
+(`replay_mask`), so the backward pass builds one parameter gradient, not one per chunk (at Wan 1.3B, seven
+fp32 gradients alive at once were most of SF-DMD's temporary memory). Plans that reuse slots (a rolling window
+shorter than the video) fall back to rematerialising each exit call.
 """
 from __future__ import annotations
 
@@ -241,11 +243,12 @@ def _cached_call(model, params, x, tt, cond, cache, *, geom, pos, cache_keys, wr
 
 
 def _net(model, params, x, t, cond, null, cache, *, geom, pos, cfg_scale, cache_keys, write):
-  """Model velocity on a chunk against the cache: x [B, n, H, W, C], t [] -> (v [B, n, H, W, C], new cache).
+  """Model velocity on a chunk against the cache: x [B, n, H, W, C], t [] or [1, n] -> (v [B, n, H, W, C], new
+  cache).
   CFG doubles the batch as [cond | null] (the cache then holds 2B rows)."""
   b, n = x.shape[:2]
   call = partial(_cached_call, model, params, geom=geom, pos=pos, cache_keys=cache_keys, write=write)
-  tt = jnp.full((b, n), t, jnp.float32)
+  tt = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b, n))      # t: [] or per frame [1, n]
   if cfg_scale == 1.0:
     return call(x, tt, cond, cache)
   v, cache = call(jnp.concatenate([x, x]), jnp.concatenate([tt, tt]), concat_batch(cond, null), cache)
@@ -366,25 +369,45 @@ def final_cache_serves_every_chunk(plan: CachePlan) -> bool:
   return all(j < 0 or j == last[s] for view in plan.views for s, j in enumerate(view))
 
 
+def replay_mask(plan: CachePlan, tokens_per_frame: int):
+  """Mask[T*tpf, S + T*tpf]: every chunk's queries at once against keys `[final cache | all chunks]`. Chunk i's
+  rows see the cache slots its own step saw (`plan.mask(i)`) and its own chunk (needs
+  `final_cache_serves_every_chunk`)."""
+  from rcm_jax.models.masks import Mask
+  s, rects = plan.cache_frames * tokens_per_frame, []
+  for i, (f0, _) in enumerate(plan.blocks):
+    off = f0 * tokens_per_frame
+    for q0, q1, k0, k1 in plan.mask(i, tokens_per_frame).ranges:
+      rects.append((q0 + off, q1 + off) + ((k0, k1) if k1 <= s else (k0 + off, k1 + off)))
+  n = plan.num_frames * tokens_per_frame
+  return Mask.from_ranges(n, s + n, rects)
+
+
 def _replayed_rollout_chunks(model, params, noise, cond, null, cache, *, plan, schedules, solver, cfg_scale,
                              noisy_context, cache_keys, rng, exit_steps, prefix_params):
   """`rollout_chunks` with replayed backprop (module docstring): yields (i, x0_i, final cache)."""
   sg = jax.lax.stop_gradient
   tpf = _tpf(model, noise)
   frozen = sg(params if prefix_params is None else prefix_params)
-  exits = []
+  exits, t_exit = [], []
   for i, (f0, f1) in enumerate(plan.blocks):   # pass 1: no gradients; each chunk's exit-step input
     _, cache, x_exit = chunk_step(model, frozen, cache, noise[:, f0:f1], slice_cond(cond, f0, f1),
                                   slice_cond(null, f0, f1), plan=plan, i=i, times=schedules[i], solver=solver,
                                   cfg_scale=cfg_scale, noisy_context=noisy_context, cache_keys=cache_keys,
                                   rng=jax.random.fold_in(rng, i), exit_step=exit_steps[i], with_exit_input=True)
     exits.append(sg(x_exit))
-  for i, (f0, f1) in enumerate(plan.blocks):   # pass 2: each exit call with gradients, on the final cache
-    t_exit = jnp.asarray(schedules[i], jnp.float32)[exit_steps[i] - 1]
-    v, _ = _net(model, params, exits[i], t_exit, slice_cond(cond, f0, f1), slice_cond(null, f0, f1), cache,
-                geom=chunk_geometry(plan, i, tpf), pos=chunk_positions(plan, i, tpf), cfg_scale=cfg_scale,
-                cache_keys=cache_keys, write=False)
-    yield i, flow.x0_from_velocity(exits[i], t_exit, v), cache
+    t_exit.append(jnp.full((f1 - f0,), jnp.asarray(schedules[i], jnp.float32)[exit_steps[i] - 1]))
+  # pass 2: all exit calls with gradients as one call over the video (one parameter gradient, not one per chunk)
+  x, t = jnp.concatenate(exits, axis=1), jnp.concatenate(t_exit)[None]         # [B, T, H, W, C], [1, T]
+  last = len(plan.blocks) - 1
+  geom = ChunkGeometry(plan.num_frames, replay_mask(plan, tpf), False)
+  pos = {"frame_positions": np.arange(plan.num_frames, dtype=np.int32), "cache_positions": plan.slot_positions(last),
+         "write_at": np.int32(0)}
+  v, _ = _net(model, params, x, t, cond, null, cache, geom=geom, pos=pos, cfg_scale=cfg_scale,
+              cache_keys=cache_keys, write=False)
+  x0 = flow.x0_from_velocity(x, t, v)
+  for i, (f0, f1) in enumerate(plan.blocks):
+    yield i, x0[:, f0:f1], cache
 
 
 def rollout(model, params, noise, cond: dict, null: dict | None = None, **kwargs):
