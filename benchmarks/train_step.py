@@ -66,9 +66,10 @@ def shapes(args) -> dict:
     model = dict(dim=48, num_heads=4, num_layers=2, ffn_dim=96, in_channels=4, out_channels=4, text_dim=16,
                  freq_dim=32, patch_size=(1, 2, 2), dtype="float32", attention_impl="xla")
     return dict(model=model, size="tiny", height=8, width=8, channels=4, text_tokens=8)
-  model = dict(dim=1536, num_heads=12, num_layers=30, ffn_dim=8960, in_channels=16, out_channels=16, text_dim=4096,
-               freq_dim=256, patch_size=(1, 2, 2), dtype="bfloat16", attention_impl="pallas")
-  return dict(model=model, size="wan_1p3b", height=60, width=104, channels=16, text_tokens=512)
+  model = dict(dim=1536, num_heads=12, num_layers=args.layers or 30, ffn_dim=8960, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, patch_size=(1, 2, 2), dtype="bfloat16", attention_impl="pallas")
+  height, width = args.latent_hw or (60, 104)
+  return dict(model=model, size="wan_1p3b", height=height, width=width, channels=16, text_tokens=512)
 
 
 def make_config(args, geo, recipe: str, frames: int):
@@ -179,18 +180,30 @@ def run_recipe(args, geo, name: str, frames: int) -> dict:
   probe = jax.tree.map(jnp.asarray, batch_np)
   init = jax.jit(lambda rng: model.init(rng, probe["video"][:, :1], jnp.zeros((args.batch, 1)),
                                         context=probe["cond"]["context"][:, :1]))
-  student = init(jax.random.key(0))
-  teacher = init(jax.random.key(1)) if name != "tf" else None
   recipe_cls = recipes.get_recipe(name)
-  recipe = recipe_cls(cfg, model) if teacher is None else recipe_cls(cfg, model, teacher_params=teacher)
+  make_recipe = lambda teacher: recipe_cls(cfg, model) if teacher is None else recipe_cls(cfg, model,
+                                                                                        teacher_params=teacher)
   tx = optim.make_optimizer(cfg.optim)
   plan = parallel.plan_from_config(cfg)
-  extra = recipe.init_extra(jax.random.key(2), student) if hasattr(recipe, "init_extra") else None
-  state = parallel.place(plan, TrainState.create(student, tx, use_ema=cfg.ema.kind != "none", extra=extra))
+
+  def make_state(student, teacher):
+    recipe = make_recipe(teacher)
+    extra = recipe.init_extra(jax.random.key(2), student) if hasattr(recipe, "init_extra") else None
+    return TrainState.create(student, tx, use_ema=cfg.ema.kind != "none", extra=extra)
+
+  if args.compile_only:   # shapes only: nothing the size of the model is allocated
+    student = jax.eval_shape(init, jax.random.key(0))
+    teacher = student if name != "tf" else None
+    state = jax.eval_shape(make_state, student, teacher)
+  else:
+    student = init(jax.random.key(0))
+    teacher = init(jax.random.key(1)) if name != "tf" else None
+    state = parallel.place(plan, make_state(student, teacher))
+  recipe = make_recipe(teacher)
   del student
   update_fn = recipe.update if hasattr(recipe, "update") else trainer.make_update(recipe, tx, cfg)
   update = parallel.jit_update(plan, update_fn, state)
-  frozen = parallel.place(plan, recipe.frozen_params())
+  frozen = recipe.frozen_params() if args.compile_only else parallel.place(plan, recipe.frozen_params())
   batch = parallel.global_batch(plan, batch_np)
   rng = jax.random.key(3)
 
@@ -202,6 +215,11 @@ def run_recipe(args, geo, name: str, frames: int) -> dict:
   mem = compiled.memory_analysis()
   mem = {k: int(getattr(mem, k)) for k in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
                                             "alias_size_in_bytes") if mem is not None and hasattr(mem, k)}
+  if args.compile_only:
+    nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+    return {"recipe": name, "frames": frames, "tokens_per_frame": tokens_per_frame(geo), "batch": args.batch,
+            "compile_s": round(compile_s, 1), "compiled_memory_bytes": mem, "compile_only": True,
+            "params_bytes": nbytes(state.params), "state_bytes": nbytes(state), "frozen_bytes": nbytes(frozen)}
   cycle = recipe.max_steps if name == "sf_dmd" else 1      # SF-DMD's exit step cycles through 1..max_steps
   iters = max(args.iters, cycle)
   iters = int(math.ceil(iters / cycle) * cycle)
@@ -270,8 +288,25 @@ def is_oom(e: Exception) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ report
+def memory_line(name: str, r: dict) -> str:
+  """One --compile_only row: XLA's per-device arguments / outputs (aliased with donated arguments) / temp."""
+  m, gib = r["compiled_memory_bytes"], lambda b: f"{b / 2**30:.2f} GiB"
+  return (f"| {name} | {r['frames']} x {r['tokens_per_frame']} | {gib(r['params_bytes'])} | "
+          f"{gib(r['state_bytes'])} + {gib(r['frozen_bytes'])} | {gib(m.get('argument_size_in_bytes', 0))} | "
+          f"{gib(m.get('output_size_in_bytes', 0))} ({gib(m.get('alias_size_in_bytes', 0))} aliased) | "
+          f"**{gib(m.get('temp_size_in_bytes', 0))}** | {r['compile_s']} s |")
+
+
 def markdown(result: dict) -> str:
   rows = result["rows"]
+  if result.get("compile_only"):
+    return "\n".join([f"# Train-step memory, compile only ({result['devices']} x {result['device']}, jax "
+                      f"{result['jax']}, {result['date']})", "", f"Model {result['model']}, remat `{result['remat']}`, "
+                      f"attention `{result['attention']}`; command: `{result['command']}`", "",
+                      "| recipe | frames x tokens | params | state + frozen | arguments | outputs | temp | compile |",
+                      "|---|---|---|---|---|---|---|---|"] +
+                     [memory_line(n, r) if "error" not in r else f"| {n} | failed: {r['error'][:120]} |||||||"
+                      for n, r in rows.items()]) + "\n"
   lines = [f"# Train-step benchmark ({result['devices']} x {result['device']}, mesh {result['mesh']}, jax "
            f"{result['jax']}, {result['date']})", "",
            f"Model {result['model']}, remat `{result['remat']}`, layers scanned, {result['dtype']} compute, fp32 "
@@ -323,7 +358,8 @@ def write(args, geo, dev, rows) -> str:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": geo["size"],
             "dtype": geo["model"]["dtype"], "attention": geo["model"]["attention_impl"], "remat": args.remat,
             "chunk": list(args.chunk), "batch": args.batch, "text_tokens": geo["text_tokens"],
-            "peak_tflops": args.peak_tflops, "command": " ".join(sys.argv), "rows": rows}
+            "peak_tflops": args.peak_tflops, "command": " ".join(sys.argv), "rows": rows,
+            "compile_only": args.compile_only}
   result["targets"] = targets(rows)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "train_step.json"), "w") as f:
@@ -356,6 +392,13 @@ def main():
                        "does not fit at 21 frames on one H100)")
   ap.add_argument("--attention", default=None, help="attention_impl override (pallas | cudnn | xla; default pallas, "
                                                    "--tiny: xla; pallas on CPU runs in interpret mode)")
+  ap.add_argument("--compile_only", action="store_true",
+                  help="compile each update from shapes alone and report XLA's memory analysis (no weights are "
+                       "allocated, nothing runs): a CPU can check what a GPU would need")
+  ap.add_argument("--layers", type=int, default=None, help="Wan blocks (default 30)")
+  ap.add_argument("--latent_hw", default=None, help="latent height,width (default 60,104: 480p); small values "
+                                                    "with --compile_only isolate the memory that scales with "
+                                                    "the weights")
   ap.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                   help="the peak MFU divides by (H100 SXM bf16 dense: 989)")
   args = ap.parse_args()
@@ -365,6 +408,9 @@ def main():
   args.remat = args.remat or ("none" if args.tiny else "full")
   args.iters = args.iters or (2 if args.tiny else 5)
   args.mesh = parse_mesh(args.mesh)
+  args.latent_hw = tuple(int(v) for v in args.latent_hw.split(",")) if args.latent_hw else None
+  if args.latent_hw and (len(args.latent_hw) != 2 or min(args.latent_hw) < 2 or any(v % 2 for v in args.latent_hw)):
+    raise SystemExit(f"--latent_hw {args.latent_hw}: two even sizes >= 2 (the 2x2 patch), e.g. 60,104")
   from rcm_jax.parallel import mesh as mesh_lib
   try:
     mesh_lib.check_batch(args.batch, args.mesh)
@@ -386,6 +432,9 @@ def main():
         if frames != args.frames:
           r["reduced_from"] = args.frames
         rows[name] = r
+        if args.compile_only:
+          print(memory_line(name, r), flush=True)
+          break
         print(f"{name:7s} {frames} frames | step {r['median_step_s'] * 1e3:9.1f} ms | {r['tokens_per_s']:9.0f} "
               f"tokens/s | {r['model_tflop_per_step']:8.3g} TFLOP | MFU {100 * r['mfu']:5.1f}% | compiled temp "
               f"{r['compiled_memory_bytes'].get('temp_size_in_bytes', 0) / 2**30:.2f} GiB | compile "

@@ -287,3 +287,24 @@ def test_recipe_with_a_report_before_its_sources_stops_with_one_message(tmp_path
   assert p.returncode != 0
   assert "stages.report.sources" in out and "Traceback" not in out
   assert not (tmp_path / "teacher").exists()   # refused before any stage ran
+
+
+def test_benchmark_compile_only_matches_the_allocated_compile():
+  """benchmarks/train_step.py --compile_only builds the state from shapes alone; XLA's memory analysis must be
+  the one of the real (allocated) update (SF-DMD: its own update, critic state built from the teacher)."""
+  import argparse
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("train_step_bench", os.path.join(root, "benchmarks", "train_step.py"))
+  ts = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ts)
+  args = argparse.Namespace(tiny=True, layers=None, latent_hw=None, mesh=ts.parse_mesh([]), remat="none",
+                            chunk=(2, 2), batch=1, critic_steps=1, no_replay=False, iters=1, peak_tflops=1.0)
+  geo = ts.shapes(args)
+  rows = {}
+  for compile_only in (True, False):
+    args.compile_only = compile_only
+    rows[compile_only] = ts.run_recipe(args, geo, "sf_dmd", 4)
+  assert rows[True]["compile_only"] and rows[True]["compiled_memory_bytes"]["temp_size_in_bytes"] > 0
+  assert rows[True]["compiled_memory_bytes"] == rows[False]["compiled_memory_bytes"]
+  assert rows[True]["params_bytes"] == 4 * rows[False]["params"]     # fp32 master weights
