@@ -186,20 +186,21 @@ def run_recipe(args, geo, name: str, frames: int) -> dict:
   tx = optim.make_optimizer(cfg.optim)
   plan = parallel.plan_from_config(cfg)
 
-  def make_state(student, teacher):
-    recipe = make_recipe(teacher)
+  def make_state(recipe, student):
     extra = recipe.init_extra(jax.random.key(2), student) if hasattr(recipe, "init_extra") else None
     return TrainState.create(student, tx, use_ema=cfg.ema.kind != "none", extra=extra)
 
   if args.compile_only:   # shapes only: nothing the size of the model is allocated
     student = jax.eval_shape(init, jax.random.key(0))
     teacher = student if name != "tf" else None
-    state = jax.eval_shape(make_state, student, teacher)
+    # traced teacher inside: the critic SF-DMD copies from it is then a shape too
+    state = jax.eval_shape(lambda s, t: make_state(make_recipe(t), s), student, teacher)
+    recipe = make_recipe(teacher)
   else:
     student = init(jax.random.key(0))
     teacher = init(jax.random.key(1)) if name != "tf" else None
-    state = parallel.place(plan, make_state(student, teacher))
-  recipe = make_recipe(teacher)
+    recipe = make_recipe(teacher)
+    state = parallel.place(plan, make_state(recipe, student))
   del student
   update_fn = recipe.update if hasattr(recipe, "update") else trainer.make_update(recipe, tx, cfg)
   update = parallel.jit_update(plan, update_fn, state)

@@ -33,7 +33,7 @@ cache as chunk i saw it, so a plain rollout keeps one cache copy per chunk (at W
 1.1 GiB per layer in bf16). Replayed backprop (`replay_backprop=True`) keeps one: a first pass runs the whole
 rollout without gradients and keeps each chunk's exit-step input, then each chunk's exit call runs again with
 gradients against the final cache, whose slots seen by chunk i still hold what they held then (its mask hides
-the rest). That costs one more network call per chunk. The exit calls run as one call over the whole video
+the rest). That costs one more exit call's FLOPs per chunk. The exit calls run as one call over the whole video
 (`replay_mask`), so the backward pass builds one parameter gradient, not one per chunk (at Wan 1.3B, seven
 fp32 gradients alive at once were most of SF-DMD's temporary memory). Plans that reuse slots (a rolling window
 shorter than the video) fall back to rematerialising each exit call.
@@ -373,14 +373,13 @@ def replay_mask(plan: CachePlan, tokens_per_frame: int):
   """Mask[T*tpf, S + T*tpf]: every chunk's queries at once against keys `[final cache | all chunks]`. Chunk i's
   rows see the cache slots its own step saw (`plan.mask(i)`) and its own chunk (needs
   `final_cache_serves_every_chunk`)."""
-  from rcm_jax.models.masks import Mask
   s, rects = plan.cache_frames * tokens_per_frame, []
   for i, (f0, _) in enumerate(plan.blocks):
     off = f0 * tokens_per_frame
     for q0, q1, k0, k1 in plan.mask(i, tokens_per_frame).ranges:
       rects.append((q0 + off, q1 + off) + ((k0, k1) if k1 <= s else (k0 + off, k1 + off)))
   n = plan.num_frames * tokens_per_frame
-  return Mask.from_ranges(n, s + n, rects)
+  return masks.Mask.from_ranges(n, s + n, rects)
 
 
 def _replayed_rollout_chunks(model, params, noise, cond, null, cache, *, plan, schedules, solver, cfg_scale,
