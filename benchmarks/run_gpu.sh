@@ -13,6 +13,11 @@
 #   check2        multi_gpu_check.py: toy TF-sCM losses on 1 vs 2 GPUs (fsdp=2, context=2), restore on 1
 #   check2_stream check2 while streaming.py (2-step noisy, 4-step clean, chunk-wise) runs on GPU 1
 #   stream_remat  streaming.py on GPU 0 while train_step.py TF runs the remat policies on GPU 1
+#   remat1        one GPU: train_step.py TF diffusion under remat full, attention_out_only, attention_only (one
+#                 process each, one after the other; no retry with fewer frames)
+#   stream1       one GPU: streaming.py chunk-wise 2-step noisy (first chunk 4 and 2 steps), 4-step clean, with a
+#                 profile of the first row's first chunks (profile.md)
+#   sfdmd1        one GPU: train_step.py SF-DMD alone
 # SF-DMD runs 1 critic update per student update here (the paper's 5 multiplies the rollouts and critic steps).
 set -uo pipefail
 export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
@@ -51,9 +56,23 @@ for arg in "$@"; do
       on 1 timeout -k 10 "$t" python3 benchmarks/train_step.py --out $R/remat_dots --recipes tf --remat dots_saveable \
         --iters 3 > $OUT/remat.log 2>&1 & b=$!
       wait $a $b; tail -n 30 $OUT/stream.log $OUT/remat.log ;;
+    remat1)
+      for pol in full attention_out_only attention_only; do
+        on 0 timeout -k 10 "$t" $TS --out $R/remat_$pol --recipes tf --remat $pol --iters 3 --min_frames 21 \
+          > $OUT/remat_$pol.log 2>&1
+        tail -n 12 $OUT/remat_$pol.log
+      done ;;
+    stream1)
+      on 0 timeout -k 10 "$t" python3 benchmarks/streaming.py --out $R/stream --patterns chunkwise \
+        --rows 2:noisy,2:noisy:2,4:clean --repeats 2 --profile > $OUT/stream.log 2>&1
+      tail -n 60 $OUT/stream.log ;;
+    sfdmd1)
+      on 0 timeout -k 10 "$t" $TS --out $R/sfdmd1 --recipes sf_dmd --iters 3 > $OUT/sfdmd1.log 2>&1
+      tail -n 25 $OUT/sfdmd1.log ;;
     *) echo "unknown phase $phase" ;;
   esac
   echo "== $phase exit $? $(date -u +%H:%M:%S)"
+  find "$R" -name "*.xplane.pb" -delete 2>/dev/null   # the perfetto JSON and profile.md stay
   tar czf "$OUT/results.tgz" -C "$R" . 2>/dev/null
 done
 true

@@ -3,7 +3,8 @@
   python benchmarks/streaming.py --out $OUT                       # GPU: the full grid, attention impl pallas
   python benchmarks/streaming.py --out $OUT --impl cudnn,xla      # other attention implementations
   python benchmarks/streaming.py --out /tmp/stream_tiny --tiny    # the same code on CPU in seconds
-  python benchmarks/streaming.py --out $OUT --profile             # + a jax.profiler trace of one steady chunk
+  python benchmarks/streaming.py --out $OUT --profile             # + a jax.profiler trace of the first chunks and
+                                                                  #   where their device time goes (profile.md)
 
 What it times (DiT only: no VAE decoding, no text encoder; the text embeddings are random [1, 512, 4096]):
 81 RGB frames = 21 latent frames of 60 x 104 x 16 (1560 tokens a frame after the 2x2 patch), bf16 compute,
@@ -79,10 +80,10 @@ def video_flops(cfg, plan, schedules, tpf: int, lc: int, noisy_context: bool) ->
 
 
 def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats, profile_dir=None,
-            kv_dtype="bfloat16"):
+            kv_dtype="bfloat16", first_chunk_steps=4):
   first, chunk = sh["patterns"][pattern_name]
   plan = rollout.make_plan(BlockPattern(first, chunk), sh["frames"])
-  schedules = rollout.schedules_for(plan, "consistency", steps)
+  schedules = rollout.schedules_for(plan, "consistency", steps, first_chunk_steps=first_chunk_steps)
   h, w = sh["latent_hw"]
   tpf = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
   key = jax.random.key(0)
@@ -108,12 +109,18 @@ def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats,
   if profile_dir:
     os.makedirs(profile_dir, exist_ok=True)
     steady = min(2, len(plan.blocks) - 1)
-    with jax.profiler.trace(profile_dir):
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
       for ch in rollout.stream(model, params, noise, cond, **kw):
         if ch.index == steady:
           break
+    import profile_summary   # benchmarks/ is on sys.path (this script's directory)
+    text = profile_summary.to_markdown(profile_summary.summarize(profile_summary.load_trace(profile_dir)))
+    print(f"# profile of chunks 1..{steady + 1} ({profile_dir}):\n{text}", flush=True)
+    with open(os.path.join(os.path.dirname(profile_dir), "profile.md"), "w") as f:
+      f.write(text)
   flops = video_flops(cfg, plan, schedules, tpf, sh["text_tokens"], context == "noisy")
   return dict(impl=impl, pattern=pattern_name, chunks=len(plan.blocks), chunk_frames=chunk, steps=steps,
+              first_chunk_steps=first_chunk_steps,
               context=context, first_chunk_ms=1000 * chunks[0].seconds,
               next_chunk_ms=1000 * float(np.mean([c.seconds for c in chunks[1:]])) if len(chunks) > 1 else None,
               video_s=wall, latent_fps=sh["frames"] / wall, rgb_fps=sh["frames"] * RGB_FRAMES_PER_LATENT / wall,
@@ -122,13 +129,17 @@ def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats,
 
 
 def grid(args) -> list:
-  """The (steps, context) rows: --rows as given, else every --steps x --contexts pair."""
+  """The (steps, context, first_chunk_steps) rows: --rows as given (STEPS:CONTEXT[:FIRST]), else every --steps x
+  --contexts pair; FIRST defaults to --first_chunk_steps."""
+  first = int(args.first_chunk_steps)
   if args.rows:
-    pairs = [r.split(":") for r in args.rows.split(",")]
-    if any(len(p) != 2 or not p[0].isdigit() or p[1] not in ("clean", "noisy") for p in pairs):
-      raise SystemExit(f"--rows {args.rows!r}: expected STEPS:CONTEXT pairs, e.g. 2:noisy,4:clean")
-    return [(int(n), c) for n, c in pairs]
-  return [(int(n), c) for n in args.steps.split(",") for c in args.contexts.split(",")]
+    rows = [r.split(":") for r in args.rows.split(",")]
+    if any(len(r) not in (2, 3) or not r[0].isdigit() or r[1] not in ("clean", "noisy") or
+           (len(r) == 3 and not r[2].isdigit()) for r in rows):
+      raise SystemExit(f"--rows {args.rows!r}: expected STEPS:CONTEXT[:FIRST_CHUNK_STEPS] items, e.g. "
+                       "2:noisy,4:clean,2:noisy:2")
+    return [(int(r[0]), r[1], int(r[2]) if len(r) == 3 else first) for r in rows]
+  return [(int(n), c, first) for n in args.steps.split(",") for c in args.contexts.split(",")]
 
 
 def main():
@@ -139,9 +150,11 @@ def main():
   ap.add_argument("--patterns", default="chunkwise,framewise", help="chunkwise first: 7 compiles a row, not 21")
   ap.add_argument("--steps", default="1,2,4")
   ap.add_argument("--contexts", default="clean,noisy")
-  ap.add_argument("--rows", default="", help="explicit steps:context pairs instead of the --steps x --contexts grid, "
-                                             "e.g. 2:noisy,4:clean (the issue's two targets)")
+  ap.add_argument("--rows", default="", help="explicit STEPS:CONTEXT[:FIRST_CHUNK_STEPS] rows instead of the --steps x "
+                                             "--contexts grid, e.g. 2:noisy,4:clean (the issue's two targets),2:noisy:2")
   ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--first_chunk_steps", type=int, default=4,
+                  help="steps of the first chunk (the paper's 4; 2 or 1 cut the first-chunk latency)")
   ap.add_argument("--kv_cache_dtype", default="bfloat16", choices=rollout.KV_CACHE_DTYPES)
   ap.add_argument("--peak_tflops", type=float, default=798.0, help="bf16 matmul rate of the card (H100: 798)")
   ap.add_argument("--profile", action="store_true", help="jax.profiler trace of the first row's steady chunk")
@@ -160,8 +173,8 @@ def main():
               text_tokens=sh["text_tokens"], peak_tflops=args.peak_tflops, kv_cache_dtype=args.kv_cache_dtype,
               timed="DiT only (no VAE decoding)")
   rows, lines = [], []
-  header = ("| impl | pattern | steps | context | first chunk ms | next chunk ms | video s | RGB FPS | TFLOP | "
-            "FPS limit | fraction |\n|---|---|---|---|---|---|---|---|---|---|---|")
+  header = ("| impl | pattern | steps | first chunk steps | context | first chunk ms | next chunk ms | video s | RGB FPS | "
+            "TFLOP | FPS limit | fraction |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
   print(f"# {meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}\n{header}", flush=True)
   for impl in impls:
     cfg = get_config(sh["size"], **sh["overrides"], dtype="bfloat16", attention_impl=impl,
@@ -170,22 +183,24 @@ def main():
     params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
     params = {"params": jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)}
     for pattern in args.patterns.split(","):
-      for steps, context in grid(args):
+      for steps, context, first_steps in grid(args):
         prof = os.path.join(args.out, "trace") if args.profile and not rows else None
-        print(f"# {impl} {pattern} {steps}-step {context}: warm-up (compiles each chunk geometry) ...", flush=True)
+        print(f"# {impl} {pattern} {steps}-step {context} (first chunk {first_steps}): warm-up (compiles each "
+              "chunk geometry) ...", flush=True)
         try:
           r = run_row(model, params, cfg, sh, impl, pattern, steps, context, args.repeats, prof,
-                      args.kv_cache_dtype)
+                      args.kv_cache_dtype, first_steps)
         except Exception as e:   # e.g. an impl that cannot take this mask: recorded, the grid goes on
-          r = dict(impl=impl, pattern=pattern, steps=steps, context=context, error=f"{type(e).__name__}: {e}"[:300])
-          print(f"| {impl} | {pattern} | {steps} | {context} | failed: {r['error'][:120]} |", flush=True)
+          r = dict(impl=impl, pattern=pattern, steps=steps, first_chunk_steps=first_steps, context=context,
+                   error=f"{type(e).__name__}: {e}"[:300])
+          print(f"| {impl} | {pattern} | {steps} | {first_steps} | {context} | failed: {r['error'][:120]} |", flush=True)
           rows.append(r)
           continue
         limit_s = r["tflop"] / args.peak_tflops
         r["fps_limit"] = sh["frames"] * RGB_FRAMES_PER_LATENT / limit_s
         r["fraction_of_limit"] = r["rgb_fps"] / r["fps_limit"]
         nxt = "-" if r["next_chunk_ms"] is None else f"{r['next_chunk_ms']:.1f}"
-        line = (f"| {impl} | {pattern} | {steps} | {context} | {r['first_chunk_ms']:.1f} | {nxt} | "
+        line = (f"| {impl} | {pattern} | {steps} | {first_steps} | {context} | {r['first_chunk_ms']:.1f} | {nxt} | "
                 f"{r['video_s']:.3f} | {r['rgb_fps']:.1f} | {r['tflop']:.3g} | {r['fps_limit']:.3g} | "
                 f"{r['fraction_of_limit']:.3g} |")
         print(line, flush=True)

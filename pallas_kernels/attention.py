@@ -14,7 +14,10 @@ every model call.
 `jax.vmap` folds the mapped axis into the batch axis (`batch` rule), so per-sample losses work too.
 What is NOT supported: reverse mode *through* the JVP (grad of a jvp at non-stop-gradient'ed inputs,
 i.e. second order); the jvp rule's kernel has no transpose. The sCM/MeanFlow losses never need it.
-Remat: under `jax.checkpoint` the op is recomputed whole (HiPrim's default rule), but only with
+Remat: under `jax.checkpoint` the op is recomputed whole (HiPrim's default), unless the policy saves the
+names in RESIDUAL_NAMES ("flash_out", "flash_lse"; e.g. `save_only_these_names(*RESIDUAL_NAMES)`): then
+the `remat` rule runs the forward kernel once, keeps o and lse, and the recomputation replays them
+(`_FlashReplay`), so the backward pass runs only the dq and dk/dv kernels. Either way remat needs
 `jax.config.update("jax_remat3", True)` (jax 0.11.2 / 0.12): the legacy remat path fails with
 "Linearization failed ..." on any hijax primitive. We do not flip that global flag on import; the
 training entry point sets it.
@@ -48,6 +51,8 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float32)  # the two checked on the H100 (f
 IMPLEMENTATIONS = ("pallas", "xla")
 BACKENDS = ("auto", "triton", "mosaic")
 BACKEND_ENV = "RCM_FLASH_BACKEND"
+# Names a `jax.checkpoint` policy saves to keep the forward kernel's output and logsumexp (`_FlashAttention.remat`).
+RESIDUAL_NAMES = ("flash_out", "flash_lse")
 
 
 def _round_up(x, m):
@@ -87,6 +92,34 @@ def _pad(x, length):
   return x if x.shape[1] == length else jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
 
+def _backward(plan: _Plan, res, do):
+  """(q, k, v, o, lse) and the output cotangent -> dq, dk, dv (the dq and dk/dv kernels)."""
+  q, k, v, o, lse = res
+  p = plan
+  do = hijax.instantiate_zeros(do) if isinstance(do, hijax.Zero) else do
+  qp, kp, vp = (_pad(q, p.lq_pad), _pad(k, p.lk_pad), _pad(v, p.lk_pad))
+  dq, dk, dv = kernels.backward(
+      qp, kp, vp, _pad(o, p.lq_pad), lse, _pad(do.astype(q.dtype), p.lq_pad),
+      p.sched(p.dq), p.sched(p.dkdv), p.dq, p.dkdv, sm_scale=p.sm_scale, interpret=p.interpret)
+  lq, lk = q.shape[1], k.shape[1]
+  return dq[:, :lq], dk[:, :lk], dv[:, :lk]
+
+
+# jax 0.12's HiPrim remat rule returns (out, residuals, rem(residuals, *args)); jax 0.11.2's (out, rem(*args)),
+# whose closure holds the residuals.
+_REMAT_RULE_RETURNS_RESIDUALS = tuple(jax.__version_info__[:2]) >= (0, 12)
+
+
+def _policy_saves(policy, aval, names) -> bool:
+  """Whether a `jax.checkpoint` policy keeps values tagged with every one of `names` on the device (asked the
+  way `checkpoint_name` asks it; an offloading answer counts as no: the replay keeps them on the device)."""
+  if policy is None:                  # jax.checkpoint without a policy: save nothing
+    return False
+  from jax._src.ad_checkpoint import name_p                   # the primitive the policies are asked about
+  from jax._src.interpreters import partial_eval as pe
+  return all(isinstance(pe.ensure_enum(policy(name_p, aval, name=n)), pe.SaveableType) for n in names)
+
+
 class _FlashAttention(hijax.HiPrim):
   """(q [B, Lq, H, D], k [B, Lk, Hkv, D], v [B, Lk, Hkv, D]) -> o [B, Lq, H, D]."""
 
@@ -118,15 +151,19 @@ class _FlashAttention(hijax.HiPrim):
     return o, (q, k, v, o, lse)
 
   def vjp_bwd_retval(self, res, do):
-    q, k, v, o, lse = res
-    p = self.plan
-    do = hijax.instantiate_zeros(do) if isinstance(do, hijax.Zero) else do
-    qp, kp, vp = self._padded(q, k, v)
-    dq, dk, dv = kernels.backward(
-        qp, kp, vp, _pad(o, p.lq_pad), lse, _pad(do.astype(q.dtype), p.lq_pad),
-        p.sched(p.dq), p.sched(p.dkdv), p.dq, p.dkdv, sm_scale=p.sm_scale, interpret=p.interpret)
-    lq, lk = q.shape[1], k.shape[1]
-    return dq[:, :lq], dk[:, :lk], dv[:, :lk]
+    return _backward(self.plan, res, do)
+
+  def remat(self, trace, q, k, v):
+    """Under `jax.checkpoint`: recompute the op whole (HiPrim's default), unless the remat policy saves
+    both RESIDUAL_NAMES; then the forward kernel runs once and the recomputation replays its output and
+    logsumexp (`_FlashReplay`), so the backward pass never re-runs the forward kernel."""
+    if not _policy_saves(trace.policy, self.out_aval, RESIDUAL_NAMES):
+      return super().remat(trace, q, k, v)
+    o, lse = self._forward(q, k, v)
+    replay = _FlashReplay(self.in_avals, jax.typeof(lse), self.plan)
+    if _REMAT_RULE_RETURNS_RESIDUALS:
+      return o, (o, lse), lambda res, q, k, v: replay(q, k, v, *res)
+    return o, lambda q, k, v: replay(q, k, v, o, lse)
 
   def batch(self, axis_data, args, dims):
     """vmap: fold the mapped axis into the batch axis (one kernel launch, same schedules)."""
@@ -151,6 +188,42 @@ class _FlashAttention(hijax.HiPrim):
                                 interpret=p.interpret)
     lq = q.shape[1]
     return o[:, :lq], to[:, :lq]
+
+
+class _FlashReplay(hijax.HiPrim):
+  """(q, k, v, o, lse) -> o: the op replayed from its saved forward (`_FlashAttention.remat`). Its value is
+  the saved o; its VJP runs the backward kernels with the saved o and lse; o and lse get no cotangent (the
+  recomputed q, k, v carry the whole derivative)."""
+
+  def __init__(self, qkv_avals, lse_aval, plan: _Plan):
+    self.in_avals = (*qkv_avals, hijax.ShapedArray(qkv_avals[0].shape, qkv_avals[0].dtype), lse_aval)
+    self.out_aval = hijax.ShapedArray(qkv_avals[0].shape, qkv_avals[0].dtype)
+    self.params = dict(plan=plan)
+    super().__init__()
+
+  def expand(self, q, k, v, o, lse):
+    return o
+
+  def vjp_fwd(self, nzs_in, q, k, v, o, lse):
+    del nzs_in
+    return o, (q, k, v, o, lse)
+
+  def vjp_bwd_retval(self, res, do):
+    dq, dk, dv = _backward(self.plan, res, do)
+    o, lse = res[3:]
+    return dq, dk, dv, jnp.zeros_like(o), jnp.zeros_like(lse)
+
+  def jvp(self, primals, tangents):
+    q, k, v = primals[:3]
+    return _FlashAttention(*self.in_avals[:3], self.plan).jvp((q, k, v), tangents[:3])
+
+  def batch(self, axis_data, args, dims):
+    """vmap: fold the mapped axis into the batch axis, as `_FlashAttention.batch`."""
+    xs = hijax.bdims_at_front(axis_data, args, dims)
+    n = axis_data.size
+    flat = [x.reshape(n * x.shape[1], *x.shape[2:]) for x in xs]
+    out = _FlashReplay(tuple(jax.typeof(x) for x in flat[:3]), jax.typeof(flat[4]), self.plan)(*flat)
+    return out.reshape(xs[3].shape), 0
 
 
 def _validate(q, k, v, mask, sm_scale, implementation):

@@ -209,6 +209,54 @@ def test_checkpoint_and_partial_tangents():
   assert _rel(to, rto) < 5e-5
 
 
+def _kernel_calls(closed_jaxpr) -> dict:
+  """Pallas kernels named in a jaxpr, sub-jaxprs included: {kernel name: count}."""
+  counts = {}
+  def walk(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name == "pallas_call":
+        counts[e.params["name"]] = counts.get(e.params["name"], 0) + 1
+        continue
+      for p in e.params.values():
+        sub = getattr(p, "jaxpr", p)
+        if hasattr(sub, "eqns"):
+          walk(sub)
+  walk(closed_jaxpr.jaxpr)
+  return counts
+
+
+@pytest.mark.parametrize("saved", [(), pk.RESIDUAL_NAMES, ("query", "key", "value", *pk.RESIDUAL_NAMES)])
+def test_checkpoint_policy_saving_the_residuals_skips_the_forward_recompute(saved):
+  """A remat policy that saves the kernel's output and logsumexp: the backward pass runs no forward kernel
+  (full remat runs one), and the gradients are the un-rematted ones."""
+  rng = np.random.default_rng()
+  mask = video.teacher_forcing(3, 7, first_chunk_frames=1, chunk_frames=1)
+  l, e = mask.shape[0], 128
+  w = jnp.asarray(rng.standard_normal((4, e, e)) / np.sqrt(e), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((1, l, e)), jnp.float32)
+
+  def block(w, x):
+    q, k, v = (jax.ad_checkpoint.checkpoint_name((x @ w[i]).reshape(1, l, 2, 64), n)
+               for i, n in enumerate(("query", "key", "value")))
+    return jnp.tanh(pk.flash_attention(q, k, v, mask, block_sizes=SMALL).reshape(1, l, e) @ w[3])
+
+  prev = jax.config.jax_remat3
+  jax.config.update("jax_remat3", True)
+  try:
+    rematted = jax.checkpoint(block, policy=jax.checkpoint_policies.save_only_these_names(*saved))
+    loss = lambda w: jnp.sum(rematted(w, x) ** 2)
+    _, backward = jax.vjp(loss, w)
+    calls = _kernel_calls(jax.make_jaxpr(backward)(jnp.float32(1)))
+    g = jax.jit(jax.grad(loss))(w)
+  finally:
+    jax.config.update("jax_remat3", prev)
+  saves = set(pk.RESIDUAL_NAMES) <= set(saved)
+  assert calls.get("flash_fwd", 0) == (0 if saves else 1), calls
+  assert calls["flash_bwd_dq"] == calls["flash_bwd_dkdv"] == 1, calls
+  want = jax.jit(jax.grad(lambda w: jnp.sum(block(w, x) ** 2)))(w)
+  assert _rel(g, want) < 1e-5
+
+
 def test_vmap_folds_into_batch():
   rng = np.random.default_rng()
   mask = video.block_causal(3, 7, first_chunk_frames=1, chunk_frames=1)

@@ -308,3 +308,27 @@ def test_benchmark_compile_only_matches_the_allocated_compile():
   assert rows[True]["compile_only"] and rows[True]["compiled_memory_bytes"]["temp_size_in_bytes"] > 0
   assert rows[True]["compiled_memory_bytes"] == rows[False]["compiled_memory_bytes"]
   assert rows[True]["params_bytes"] == 4 * rows[False]["params"]     # fp32 master weights
+
+
+def test_profile_summary_busy_time_and_classes():
+  """benchmarks/profile_summary.py: device events only, overlapping kernels counted once in the busy time."""
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("profile_summary", os.path.join(root, "benchmarks",
+                                                                                "profile_summary.py"))
+  ps = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ps)
+  rng = np.random.default_rng()
+  t0 = float(rng.integers(0, 10**6))
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
+  ev = lambda name, ts, dur, pid=1: {"ph": "X", "pid": pid, "tid": 0, "name": name, "ts": t0 + ts, "dur": dur}
+  events = meta + [ev("flash_fwd", 0, 400), ev("nvjet_hsh_gemm", 300, 200),     # overlap 300..400
+                   ev("loop_add_fusion", 1000, 100), ev("flash_fwd", 1500, 400),
+                   ev("PjitFunction(step)", 0, 5000, pid=2)]                      # host: left out
+  s = ps.summarize(events)
+  assert s["span_ms"] == pytest.approx(1.9) and s["busy_ms"] == pytest.approx(1.0)
+  assert s["idle_ms"] == pytest.approx(0.9)
+  assert s["classes"] == pytest.approx({"attention": 0.8, "matmul": 0.2, "other": 0.1})
+  assert s["kernels"][0][:3] == ("flash_fwd", "attention", 2)
+  assert "| attention | 0.80 |" in ps.to_markdown(s)

@@ -57,12 +57,15 @@ FOUR_STEP = (T0, 15.0 / 16.0, 5.0 / 6.0, 5.0 / 8.0, 0.0)
 FEW_STEP_LATER_CHUNKS = {4: FOUR_STEP, 2: (T0, 5.0 / 6.0, 0.0), 1: (T0, 0.0)}
 
 
-def few_step_times(num_steps: int, *, first_chunk: bool) -> tuple[float, ...]:
-  """The paper's distilled-student times [num_steps + 1] for one chunk (num_steps in 1, 2, 4)."""
-  if num_steps not in FEW_STEP_LATER_CHUNKS:
-    raise ValueError(f"few-step schedules exist for 1, 2 and 4 steps, got {num_steps} (config key eval.steps); "
-                     "use the 'euler' solver for other step counts.")
-  return FOUR_STEP if first_chunk else FEW_STEP_LATER_CHUNKS[num_steps]
+def few_step_times(num_steps: int, *, first_chunk: bool, first_chunk_steps: int = 4) -> tuple[float, ...]:
+  """The paper's distilled-student times [num_steps + 1] for one chunk (num_steps in 1, 2, 4). The first chunk
+  takes `first_chunk_steps` steps (the paper's 4: it has no context to lean on; 1 or 2 trade its quality for
+  first-chunk latency)."""
+  for key, n in (("eval.steps", num_steps), ("sample.first_chunk_steps", first_chunk_steps)):
+    if n not in FEW_STEP_LATER_CHUNKS:
+      raise ValueError(f"few-step schedules exist for 1, 2 and 4 steps, got {n} (config key {key}); "
+                       "use the 'euler' solver for other step counts.")
+  return FEW_STEP_LATER_CHUNKS[first_chunk_steps] if first_chunk else FEW_STEP_LATER_CHUNKS[num_steps]
 
 
 def euler_step(x, t, t_next, v):

@@ -187,10 +187,11 @@ def check_schedule(times, key: str) -> np.ndarray:
   return t.astype(np.float32)
 
 
-def schedules_for(plan: CachePlan, solver: str, num_steps: int, shift: float = 1.0) -> tuple:
-  """Per-chunk schedules (section 6): consistency = the paper's few-step times (4 steps on the first chunk),
-  euler = the shifted Euler grid on every chunk."""
-  return tuple(tuple(chunk_times(solver, num_steps, shift, i == 0).tolist()) for i in range(len(plan.blocks)))
+def schedules_for(plan: CachePlan, solver: str, num_steps: int, shift: float = 1.0, first_chunk_steps: int = 4) -> tuple:
+  """Per-chunk schedules (section 6): consistency = the paper's few-step times (`first_chunk_steps` on the first
+  chunk: the paper's 4), euler = the shifted Euler grid on every chunk."""
+  return tuple(tuple(chunk_times(solver, num_steps, shift, i == 0, first_chunk_steps).tolist())
+               for i in range(len(plan.blocks)))
 
 
 # ----------------------------------------------------------------------------- one chunk
@@ -433,7 +434,8 @@ def sample_videos(config, model, params, batch: dict, rng, *, num: int, num_step
   plan = make_plan(_Pattern(config.get("causal") or {}), noise.shape[1], int(section.get("cache_frames", 0)),
                    key=f"{job}.cache_frames")
   solver = section.get("solver", "consistency")
-  schedules = schedules_for(plan, solver, int(num_steps or config.sample.steps), float(config.sample.shift))
+  schedules = schedules_for(plan, solver, int(num_steps or config.sample.steps), float(config.sample.shift),
+                            int(section.get("first_chunk_steps", 4)))
   out = _rollout_jit(model, params, noise, take(batch["cond"]), take(batch["null"]), r_sample, plan=plan,
                      schedules=schedules, solver=solver,
                      cfg_scale=float(section.cfg_scale if cfg_scale is None else cfg_scale),

@@ -11,7 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "attention_only")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "attention_only", "attention_out_only")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -41,7 +41,7 @@ class WanConfig:
   dtype: str = "float32"                         # compute dtype of dense layers and attention; params stay fp32
   attention_impl: str = "xla"                    # "xla" (reference), "pallas" (flash kernel), "cudnn" (unmasked)
   scan_layers: bool = False                      # nn.scan over blocks (stacked params, fast compile)
-  remat_policy: str = "none"                     # "none" | "full" | "dots_saveable" | "attention_only"
+  remat_policy: str = "none"                     # "none" | "full" | "dots_saveable" | "attention_only" | "attention_out_only"
 
   def __post_init__(self):
     def bad(key, msg):

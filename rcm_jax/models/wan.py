@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.attention import RESIDUAL_NAMES
 from pallas_kernels.mask import Mask
 from rcm_jax.models.config import REMAT_POLICIES, WanConfig, get_config
 from rcm_jax.models.layers import WanBlock, WanConditionEmbedder, at_least_f32, dense, layer_norm
@@ -29,14 +30,20 @@ STREAM_AXES = ("batch", "tokens", None)
 
 # Tensors tagged with `checkpoint_name` in the self-attention (see layers.WanAttention).
 ATTENTION_NAMES = ("query", "key", "value", "attention_out")
+# The flash kernel's own residuals (its output and logsumexp): a policy that saves them skips its recompute.
+FLASH_RESIDUAL_NAMES = RESIDUAL_NAMES
 
 
 def remat_policy(name: str):
   """Remat policy by name -> (use_remat, jax checkpoint policy).
 
-  none: no remat (store everything). full: recompute the whole block in the backward pass.
-  dots_saveable: keep matmul outputs, recompute elementwise ops. attention_only: keep only the self-attention's
-  q, k, v and output, so the backward pass never re-runs the quadratic attention; everything else is recomputed.
+  none: no remat (store everything). full: recompute the whole block in the backward pass (the flash
+  attention's forward kernel included). dots_saveable: keep matmul outputs, recompute elementwise ops.
+  attention_only: keep the self-attention's q, k, v and output and the flash kernel's logsumexp, so the backward
+  pass never re-runs the quadratic attention; everything else is recomputed. attention_out_only: keep only the
+  flash kernel's output and logsumexp (q, k, v are recomputed from the block input: linear cost), a quarter of
+  attention_only's activations for most of its saving. With `attention_impl` other than "pallas" the flash names
+  do not exist: attention_out_only is then `full`, and attention_only keeps q, k, v and the output.
   """
   if name == "none":
     return False, None
@@ -45,7 +52,9 @@ def remat_policy(name: str):
   if name == "dots_saveable":
     return True, jax.checkpoint_policies.dots_saveable
   if name == "attention_only":
-    return True, jax.checkpoint_policies.save_only_these_names(*ATTENTION_NAMES)
+    return True, jax.checkpoint_policies.save_only_these_names(*ATTENTION_NAMES, *FLASH_RESIDUAL_NAMES)
+  if name == "attention_out_only":
+    return True, jax.checkpoint_policies.save_only_these_names(*FLASH_RESIDUAL_NAMES)
   raise ValueError(f"unknown remat_policy {name!r}; use one of {REMAT_POLICIES}.")
 
 

@@ -6,7 +6,8 @@ config keys (`stream_settings`), action parsing (`parse_actions`), and `sample_s
 (<workdir>/samples/stream/batchBB_chunkCCCC.png: rows = videos, columns = the chunk frames), then the GIF/MP4 of
 the whole videos, samples.npz and metrics.json (per-chunk latency, frames per second, compiles).
 
-Config keys (section `sample`): sampler="rollout", steps (1/2/4 consistency or Euler), solver, noisy_context,
+Config keys (section `sample`): sampler="rollout", steps (1/2/4 consistency or Euler), first_chunk_steps
+(consistency: the first chunk's steps, the paper's 4; 1 or 2 cut the first-chunk latency), solver, noisy_context,
 cache_keys, cache_frames, num_frames (0 = the world's length; more streams through the rolling window of
 causal.local_blocks / causal.sink_blocks), kv_cache_dtype (float32 | bfloat16 | int8), no_kv_cache
 (recompute the context every chunk; flag --no_kv_cache), actions (action-conditioned worlds: a comma list of
@@ -76,7 +77,7 @@ def make_stream_plan(config, num_frames: int, section: str = "sample", *, key: s
   plan = rollout.make_plan(pattern, num_frames, int(config[section].get("cache_frames", 0)),
                            key=f"{section}.cache_frames")
   schedules = rollout.schedules_for(plan, config[section].get("solver", "consistency"), int(config[section].steps),
-                                    float(config.sample.shift))
+                                    float(config.sample.shift), int(config[section].get("first_chunk_steps", 4)))
   return plan, schedules
 
 
