@@ -9,6 +9,7 @@
 # Phases (the multi-GPU ones need 2 visible GPUs; single-GPU ones pin one card with CUDA_VISIBLE_DEVICES):
 #   steps1        train_step.py on 1 GPU: TF-dCM + TF-sCM on GPU 0 while SF-DMD runs on GPU 1 (two processes)
 #   fsdp2         train_step.py, mesh fsdp=2, batch 2 (one video per GPU): TF-sCM, SF-DMD
+#   fsdp2_sf      train_step.py, mesh fsdp=2, batch 2: SF-DMD alone
 #   context2      train_step.py, mesh context=2, batch 1 (Ulysses over the 65,520-token TF sequence): TF-sCM
 #   check2        multi_gpu_check.py: toy TF-sCM losses on 1 vs 2 GPUs (fsdp=2, context=2), restore on 1
 #   check2_stream check2 while streaming.py (2-step noisy, 4-step clean, chunk-wise) runs on GPU 1
@@ -40,6 +41,8 @@ for arg in "$@"; do
       wait $a $b; tail -n 25 $OUT/steps1_a.log $OUT/steps1_b.log ;;
     fsdp2)
       on 0,1 timeout -k 10 "$t" $TS --out $R/fsdp2 --mesh fsdp=2 --batch 2 --recipes tf_scm,sf_dmd --iters 3 ;;
+    fsdp2_sf)
+      on 0,1 timeout -k 10 "$t" $TS --out $R/fsdp2_sf --mesh fsdp=2 --batch 2 --recipes sf_dmd --iters 3 ;;
     context2)
       on 0,1 timeout -k 10 "$t" $TS --out $R/context2 --mesh context=2 --recipes tf_scm --iters 3 ;;
     check2)
