@@ -196,15 +196,21 @@ def run_recipe(args, geo, name: str, frames: int) -> dict:
     # traced teacher inside: the critic SF-DMD copies from it is then a shape too
     state = jax.eval_shape(lambda s, t: make_state(make_recipe(t), s), student, teacher)
     recipe = make_recipe(teacher)
-  else:
-    student = init(jax.random.key(0))
-    teacher = init(jax.random.key(1)) if name != "tf" else None
+  else:   # everything is built already sharded: a whole copy first placed later leaves holes in the allocator
+    sharded = lambda fn, *a: jax.jit(fn, out_shardings=parallel.shardings(plan, jax.eval_shape(fn, *a)))(*a)
+    student = sharded(init, jax.random.key(0))
+    teacher = sharded(init, jax.random.key(1)) if name != "tf" else None
     recipe = make_recipe(teacher)
-    state = parallel.place(plan, make_state(recipe, student))
+    state = sharded(lambda s: make_state(recipe, s), student)
   del student
   update_fn = recipe.update if hasattr(recipe, "update") else trainer.make_update(recipe, tx, cfg)
   update = parallel.jit_update(plan, update_fn, state)
-  frozen = recipe.frozen_params() if args.compile_only else parallel.place(plan, recipe.frozen_params())
+  if args.compile_only:   # shapes with the shardings `place` would give them (donation needs them to match)
+    with_sharding = lambda tree: jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                              tree, parallel.shardings(plan, tree))
+    state, frozen = with_sharding(state), with_sharding(recipe.frozen_params())
+  else:
+    frozen = parallel.place(plan, recipe.frozen_params())
   batch = parallel.global_batch(plan, batch_np)
   rng = jax.random.key(3)
 
