@@ -15,9 +15,9 @@
 #   check2_stream check2 while streaming.py (2-step noisy, 4-step clean, chunk-wise) runs on GPU 1
 #   stream_remat  streaming.py on GPU 0 while train_step.py TF runs the remat policies on GPU 1
 #   remat1        one GPU: train_step.py TF diffusion under remat full, attention_out_only, attention_only (one
-#                 process each, one after the other; no retry with fewer frames)
+#                 process each, one after the other; no retry with fewer frames; POLICIES= picks others)
 #   stream1       one GPU: streaming.py chunk-wise 2-step noisy (first chunk 4 and 2 steps), 4-step clean, with a
-#                 profile of the first row's first chunks (profile.md)
+#                 profile of the first row's first chunks (profile.md); ROWS= picks others
 #   sfdmd1        one GPU: train_step.py SF-DMD alone
 # SF-DMD runs 1 critic update per student update here (the paper's 5 multiplies the rollouts and critic steps).
 set -uo pipefail
@@ -60,14 +60,14 @@ for arg in "$@"; do
         --iters 3 > $OUT/remat.log 2>&1 & b=$!
       wait $a $b; tail -n 30 $OUT/stream.log $OUT/remat.log ;;
     remat1)
-      for pol in full attention_out_only attention_only; do
+      for pol in ${POLICIES:-full attention_out_only attention_only}; do
         on 0 timeout -k 10 "$t" $TS --out $R/remat_$pol --recipes tf --remat $pol --iters 3 --min_frames 21 \
           > $OUT/remat_$pol.log 2>&1
         tail -n 12 $OUT/remat_$pol.log
       done ;;
     stream1)
       on 0 timeout -k 10 "$t" python3 benchmarks/streaming.py --out $R/stream --patterns chunkwise \
-        --rows 2:noisy,2:noisy:2,4:clean --repeats 2 --profile > $OUT/stream.log 2>&1
+        --rows ${ROWS:-2:noisy,2:noisy:2,4:clean} --repeats 2 --profile > $OUT/stream.log 2>&1
       tail -n 60 $OUT/stream.log ;;
     sfdmd1)
       on 0 timeout -k 10 "$t" $TS --out $R/sfdmd1 --recipes sf_dmd --iters 3 > $OUT/sfdmd1.log 2>&1
