@@ -151,7 +151,8 @@ def main():
   ap.add_argument("--steps", default="1,2,4")
   ap.add_argument("--contexts", default="clean,noisy")
   ap.add_argument("--rows", default="", help="explicit STEPS:CONTEXT[:FIRST_CHUNK_STEPS] rows instead of the --steps x "
-                                             "--contexts grid, e.g. 2:noisy,4:clean (the issue's two targets),2:noisy:2")
+                                             "--contexts grid, e.g. 2:noisy,4:clean (the issue's two targets),"
+                                             "2:noisy:2")
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--first_chunk_steps", type=int, default=4,
                   help="steps of the first chunk (the paper's 4; 2 or 1 cut the first-chunk latency)")
@@ -173,8 +174,8 @@ def main():
               text_tokens=sh["text_tokens"], peak_tflops=args.peak_tflops, kv_cache_dtype=args.kv_cache_dtype,
               timed="DiT only (no VAE decoding)")
   rows, lines = [], []
-  header = ("| impl | pattern | steps | first chunk steps | context | first chunk ms | next chunk ms | video s | RGB FPS | "
-            "TFLOP | FPS limit | fraction |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+  header = ("| impl | pattern | steps | first chunk steps | context | first chunk ms | next chunk ms | video s | "
+            "RGB FPS | TFLOP | FPS limit | fraction |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
   print(f"# {meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}\n{header}", flush=True)
   for impl in impls:
     cfg = get_config(sh["size"], **sh["overrides"], dtype="bfloat16", attention_impl=impl,
@@ -193,7 +194,8 @@ def main():
         except Exception as e:   # e.g. an impl that cannot take this mask: recorded, the grid goes on
           r = dict(impl=impl, pattern=pattern, steps=steps, first_chunk_steps=first_steps, context=context,
                    error=f"{type(e).__name__}: {e}"[:300])
-          print(f"| {impl} | {pattern} | {steps} | {first_steps} | {context} | failed: {r['error'][:120]} |", flush=True)
+          print(f"| {impl} | {pattern} | {steps} | {first_steps} | {context} | failed: {r['error'][:120]} |",
+                flush=True)
           rows.append(r)
           continue
         limit_s = r["tflop"] / args.peak_tflops

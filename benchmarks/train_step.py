@@ -385,8 +385,8 @@ def main():
   ap.add_argument("--frames", type=int, default=None, help="latent frames (default 21; --tiny: 4)")
   ap.add_argument("--min_frames", type=int, default=3, help="smallest frame count tried after an out-of-memory")
   ap.add_argument("--chunk", default=None, help="causal pattern first,chunk frames (default 3,3; --tiny: 2,2)")
-  ap.add_argument("--remat", default=None, help="none | full | dots_saveable | attention_only (default full; "
-                                                "--tiny: none)")
+  ap.add_argument("--remat", default=None, help="none | full | dots_saveable | attention_only | attention_out_only "
+                                                "(default full; --tiny: none)")
   ap.add_argument("--batch", type=int, default=1, help="videos per step, split over the mesh's data x fsdp axes")
   ap.add_argument("--mesh", nargs="*", default=[], metavar="AXIS=N",
                   help="mesh axis sizes (data, fsdp, context, tensor; the others 1), e.g. fsdp=2 or context=2; "

@@ -236,7 +236,7 @@ def test_scan_and_remat_match_loop():
 
 def test_remat_policies_by_name():
   assert remat_policy("none") == (False, None)
-  for name in ("full", "dots_saveable", "attention_only"):
+  for name in ("full", "dots_saveable", "attention_only", "attention_out_only"):
     use, policy = remat_policy(name)
     assert use and callable(policy)
   with pytest.raises(ValueError, match="remat_policy"):

@@ -521,6 +521,11 @@ def test_causal_sampler_is_causal_and_uses_the_few_step_schedules(tiny):
   assert samplers.few_step_times(1, first_chunk=False) == (1600 / 1601, 0.0)
   with pytest.raises(ValueError, match="eval.steps"):
     samplers.few_step_times(3, first_chunk=False)
+  # sample.first_chunk_steps: the first chunk's schedule only; later chunks keep num_steps
+  assert samplers.few_step_times(2, first_chunk=True, first_chunk_steps=2) == samplers.FEW_STEP_LATER_CHUNKS[2]
+  assert samplers.few_step_times(4, first_chunk=False, first_chunk_steps=1) == samplers.FOUR_STEP
+  with pytest.raises(ValueError, match="sample.first_chunk_steps"):
+    samplers.few_step_times(2, first_chunk=True, first_chunk_steps=3)
 
 
 def test_causal_sampler_first_chunk_matches_a_hand_rollout(tiny):

@@ -151,3 +151,22 @@ def test_sample_job_streams_pngs_longer_than_data_and_refuses_bad_input(tmp_path
   (src / "config.json").write_text(json.dumps({"recipe": "rf"}))
   with pytest.raises(stream_job.StreamConfigError, match="bidirectional"):
     stream_job.sample_stream(config, str(tmp_path / "run3"), prepared)
+
+
+def test_first_chunk_steps_from_config():
+  """sample.first_chunk_steps reaches the stream's schedules: the first chunk only (default: the paper's 4)."""
+  import ml_collections
+  from rcm_jax.diffusion import samplers
+  from rcm_jax.play import stream_job
+  config = ml_collections.ConfigDict(dict(causal=dict(first_chunk_frames=1, chunk_frames=2),
+                                          sample=dict(steps=2, shift=1.0, cache_frames=0)))
+  close = lambda a, b: len(a) == len(b) and np.allclose(a, b, rtol=1e-6)     # float32 times
+  _, default = stream_job.make_stream_plan(config, 5)
+  assert close(default[0], samplers.FOUR_STEP) and all(close(s, samplers.FEW_STEP_LATER_CHUNKS[2])
+                                                        for s in default[1:])
+  config.sample.first_chunk_steps = 1
+  _, fast = stream_job.make_stream_plan(config, 5)
+  assert close(fast[0], samplers.FEW_STEP_LATER_CHUNKS[1]) and fast[1:] == default[1:]
+  config.sample.first_chunk_steps = 3
+  with pytest.raises(ValueError, match="sample.first_chunk_steps"):
+    stream_job.make_stream_plan(config, 5)

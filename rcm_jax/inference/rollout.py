@@ -187,7 +187,8 @@ def check_schedule(times, key: str) -> np.ndarray:
   return t.astype(np.float32)
 
 
-def schedules_for(plan: CachePlan, solver: str, num_steps: int, shift: float = 1.0, first_chunk_steps: int = 4) -> tuple:
+def schedules_for(plan: CachePlan, solver: str, num_steps: int, shift: float = 1.0,
+                  first_chunk_steps: int = 4) -> tuple:
   """Per-chunk schedules (section 6): consistency = the paper's few-step times (`first_chunk_steps` on the first
   chunk: the paper's 4), euler = the shifted Euler grid on every chunk."""
   return tuple(tuple(chunk_times(solver, num_steps, shift, i == 0, first_chunk_steps).tolist())
