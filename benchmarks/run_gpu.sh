@@ -19,6 +19,7 @@
 #   stream1       one GPU: streaming.py chunk-wise 2-step noisy (first chunk 4 and 2 steps), 4-step clean, with a
 #                 profile of the first row's first chunks (profile.md); ROWS= picks others
 #   sfdmd1        one GPU: train_step.py SF-DMD alone
+#   cm1           one GPU: train_step.py TF-dCM + TF-sCM under each remat policy of POLICIES (default attention_out_only)
 # SF-DMD runs 1 critic update per student update here (the paper's 5 multiplies the rollouts and critic steps).
 set -uo pipefail
 export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
@@ -69,6 +70,12 @@ for arg in "$@"; do
       on 0 timeout -k 10 "$t" python3 benchmarks/streaming.py --out $R/stream --patterns chunkwise \
         --rows ${ROWS:-2:noisy,2:noisy:2,4:clean} --repeats 2 --profile > $OUT/stream.log 2>&1
       tail -n 60 $OUT/stream.log ;;
+    cm1)
+      for pol in ${POLICIES:-attention_out_only}; do
+        on 0 timeout -k 10 "$t" $TS --out $R/cm_$pol --recipes tf_dcm,tf_scm --remat $pol --iters 3 --min_frames 21 \
+          > $OUT/cm_$pol.log 2>&1
+        tail -n 14 $OUT/cm_$pol.log
+      done ;;
     sfdmd1)
       on 0 timeout -k 10 "$t" $TS --out $R/sfdmd1 --recipes sf_dmd --iters 3 > $OUT/sfdmd1.log 2>&1
       tail -n 25 $OUT/sfdmd1.log ;;
