@@ -158,7 +158,8 @@ def main():
                   help="steps of the first chunk (the paper's 4; 2 or 1 cut the first-chunk latency)")
   ap.add_argument("--kv_cache_dtype", default="bfloat16", choices=rollout.KV_CACHE_DTYPES)
   ap.add_argument("--peak_tflops", type=float, default=798.0, help="bf16 matmul rate of the card (H100: 798)")
-  ap.add_argument("--profile", action="store_true", help="jax.profiler trace of the first row's steady chunk")
+  ap.add_argument("--profile", action="store_true",
+                  help="jax.profiler trace of the first row's first 3 chunks, summed up in profile.md")
   ap.add_argument("--unrolled", action="store_true", help="per-layer blocks instead of scan_layers (slower compiles)")
   ap.add_argument("--compile_cache", default="", help="a jax persistent compilation cache dir (re-runs skip compiles)")
   args = ap.parse_args()

@@ -10,4 +10,5 @@ from pallas_kernels.attention import RESIDUAL_NAMES, SUPPORTED_HEAD_DIMS, flash_
 from pallas_kernels.kernels import BlockSizes, KernelConfig
 from pallas_kernels.mask import Mask
 
-__all__ = ["BlockSizes", "KernelConfig", "Mask", "RESIDUAL_NAMES", "SUPPORTED_HEAD_DIMS", "flash_attention", "reference"]
+__all__ = ["BlockSizes", "KernelConfig", "Mask", "RESIDUAL_NAMES", "SUPPORTED_HEAD_DIMS", "flash_attention",
+           "reference"]
