@@ -186,22 +186,20 @@ def run_recipe(args, geo, name: str, frames: int) -> dict:
   tx = optim.make_optimizer(cfg.optim)
   plan = parallel.plan_from_config(cfg)
 
-  def make_state(recipe, student):
-    extra = recipe.init_extra(jax.random.key(2), student) if hasattr(recipe, "init_extra") else None
-    return TrainState.create(student, tx, use_ema=cfg.ema.kind != "none", extra=extra)
+  create = lambda student, extra: TrainState.create(student, tx, use_ema=cfg.ema.kind != "none", extra=extra)
+  extra_of = lambda recipe, s: recipe.init_extra(jax.random.key(2), s) if hasattr(recipe, "init_extra") else None
 
   if args.compile_only:   # shapes only: nothing the size of the model is allocated
     student = jax.eval_shape(init, jax.random.key(0))
     teacher = student if name != "tf" else None
     # traced teacher inside: the critic SF-DMD copies from it is then a shape too
-    state = jax.eval_shape(lambda s, t: make_state(make_recipe(t), s), student, teacher)
+    state = jax.eval_shape(lambda s, t: create(s, extra_of(make_recipe(t), s)), student, teacher)
     recipe = make_recipe(teacher)
-  else:   # everything is built already sharded: a whole copy first placed later leaves holes in the allocator
-    sharded = lambda fn, *a: jax.jit(fn, out_shardings=parallel.shardings(plan, jax.eval_shape(fn, *a)))(*a)
-    student = sharded(init, jax.random.key(0))
-    teacher = sharded(init, jax.random.key(1)) if name != "tf" else None
+  else:   # built already sharded (`parallel.build`): a whole copy placed later leaves holes in the allocator
+    student = parallel.build(plan, init, jax.random.key(0))
+    teacher = parallel.build(plan, init, jax.random.key(1)) if name != "tf" else None
     recipe = make_recipe(teacher)
-    state = sharded(lambda s: make_state(recipe, s), student)
+    state = parallel.build(plan, create, student, extra_of(recipe, student))
   del student
   update_fn = recipe.update if hasattr(recipe, "update") else trainer.make_update(recipe, tx, cfg)
   update = parallel.jit_update(plan, update_fn, state)

@@ -2,6 +2,7 @@
 
   plan = parallel.plan_from_config(config)           # mesh from config.mesh, rules from config.sharding_rules
   state = parallel.place(plan, state)                 # device_put to the rules' NamedShardings
+  state = parallel.build(plan, make_state, params)    # or computed straight onto them
   update = parallel.jit_update(plan, fn, state)       # jit with the batch constrained, state out_shardings
   batch = parallel.global_batch(plan, local_batch)    # this process's rows -> one global array per leaf
 With one device every call is a no-op in effect, so the single-device path computes what it always did.
@@ -59,6 +60,14 @@ def shardings(plan: Plan, tree):
 
 def place(plan: Plan, tree):
   return jax.device_put(tree, shardings(plan, tree))
+
+
+def build(plan: Plan, fn: Callable, *args):
+  """fn(*args) (a params-like tree: a TrainState, weights) computed by one jit whose outputs land straight on
+  the rules' shardings, so no whole copy of it is made on one device and then placed (which also leaves holes
+  in the accelerator's allocator). Pass large inputs as args: arrays fn closes over become constants of the
+  compiled program."""
+  return jax.jit(fn, out_shardings=shardings(plan, jax.eval_shape(fn, *args)))(*args)
 
 
 def global_batch(plan: Plan, local_batch):

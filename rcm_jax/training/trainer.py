@@ -132,7 +132,9 @@ def train(config, workdir: str, *, data_root: str | None = None) -> dict[str, An
   plan = parallel.plan_from_config(config)   # mesh + sharding rules; one device: everything in place
   # Recipes with more networks (SF-DMD's critic) keep their states in TrainState.extra (`init_extra`).
   extra = recipe.init_extra(init_rng, params) if hasattr(recipe, "init_extra") else None
-  state = parallel.place(plan, TrainState.create(params, tx, use_ema=config.ema.kind != "none", extra=extra))
+  # optimizer state and EMA are created already sharded (never whole on one device)
+  state = parallel.build(plan, lambda p, e: TrainState.create(p, tx, use_ema=config.ema.kind != "none", extra=e),
+                         params, extra)
   mngr = checkpoint.manager(os.path.join(workdir, "ckpt"), keep=config.train.keep,
                             save_every=config.train.ckpt_every)
   state, restored = checkpoint.restore(mngr, state)
