@@ -59,7 +59,7 @@ def toy_base(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"                  # compute dtype; params are always fp32 ("bfloat16" on GPU)
   c.model.attention_impl = "xla"             # "xla" | "pallas" | "cudnn"
   c.model.scan_layers = False
-  c.model.remat_policy = "none"              # "none" | "full" | "dots_saveable" | "attention_only" | "attention_out_only"
+  c.model.remat_policy = "none"              # none | full | dots_saveable | attention_only | attention_out_only
 
   c.mesh = ml_collections.ConfigDict()      # device mesh (rcm_jax.parallel.mesh); product = device count,
   c.mesh.data = -1                           #   -1 = all devices left; data: batch split, params replicated
@@ -109,7 +109,7 @@ def toy_base(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sample.steps = 16
   c.sample.cfg_scale = 2.0
   c.sample.shift = 1.0
-  c.sample.first_chunk_steps = 4            # consistency solver: steps of the first chunk (paper: 4; 1 / 2: lower latency)
+  c.sample.first_chunk_steps = 4            # consistency: the first chunk's steps (paper: 4; 1 or 2: lower latency)
   c.sample.num_videos = 32
   c.sample.batch_size = 32
 

@@ -149,6 +149,16 @@ def _run_scenarios(tmp: str) -> dict:
     c.mesh.update(dict(dict(data=1, fsdp=1, context=1, tensor=1), **mesh))
     run.append(trainer.train(c, workdir, data_root=os.path.join(tmp, "data")))
   out["trainer"] = {"final_loss": run[-1]["final_loss"], "step": run[-1]["step"]}
+
+  # --- parallel.build: a state computed straight onto fsdp=8 from params committed to one device
+  cfg.mesh = dict(data=1, fsdp=8, context=1, tensor=1)
+  one = jax.device_put(rf.init_params(jax.random.key(0), batch), devices[0])
+  create = lambda p: TrainState.create(p, tx, use_ema=True)
+  built = parallel.build(parallel.plan_from_config(cfg, devices), create, one)
+  q = get(built.params, Q_KERNEL)
+  out["build"] = {"max_diff": compare(leaves(create(one)), leaves(built)), "q_spec": str(q.sharding.spec),
+                  "q_shards": len(q.addressable_shards), "ema_spec": str(get(built.ema, Q_KERNEL).sharding.spec),
+                  "opt_specs": sorted({str(x.sharding.spec) for x in jax.tree.leaves(built.opt_state)})}
   return out
 
 
@@ -378,6 +388,14 @@ def test_tf_recipes_under_a_mesh_match_one_device(results, recipe, name):
   ref, got = results[f"{recipe}/one_device"], results[f"{recipe}/{name}"]
   np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-4, atol=1e-5)
   assert got["max_param_diff"] < 1e-4, got
+
+
+def test_state_built_onto_the_mesh_from_one_device_params(results):
+  """parallel.build: the state built eagerly, but already split as the rules say (params, Adam, EMA)."""
+  r = results["build"]
+  assert r["max_diff"] == 0.0
+  assert r["q_spec"] == r["ema_spec"] == "P('fsdp', None)" and r["q_shards"] == 8
+  assert "P('fsdp', None)" in r["opt_specs"], r["opt_specs"]          # Adam moments follow the params
 
 
 @pytest.mark.parametrize("name", ["data2_fsdp2_tensor2", "one_device"])

@@ -82,10 +82,11 @@ def mean_flow_apply(model, params, x, t, r, **kwargs):
   return out
 
 
-def chunk_times(solver: str, num_steps: int, shift: float, first_chunk: bool, first_chunk_steps: int = 4) -> np.ndarray:
+def chunk_times(solver: str, num_steps: int, shift: float, first_chunk: bool,
+                first_chunk_steps: int = 4) -> np.ndarray:
   if solver == "consistency":
-    return np.asarray(samplers.few_step_times(num_steps, first_chunk=first_chunk, first_chunk_steps=first_chunk_steps),
-                      np.float32)
+    return np.asarray(samplers.few_step_times(num_steps, first_chunk=first_chunk,
+                                              first_chunk_steps=first_chunk_steps), np.float32)
   if solver == "euler":
     if num_steps < 1:
       raise ValueError(f"num_steps must be >= 1, got {num_steps} (config key eval.steps / sample.steps).")

@@ -66,7 +66,12 @@ def build(plan: Plan, fn: Callable, *args):
   """fn(*args) (a params-like tree: a TrainState, weights) computed by one jit whose outputs land straight on
   the rules' shardings, so no whole copy of it is made on one device and then placed (which also leaves holes
   in the accelerator's allocator). Pass large inputs as args: arrays fn closes over become constants of the
-  compiled program."""
+  compiled program. Inputs committed to devices outside the mesh's (e.g. weights loaded onto one device) are
+  replicated onto the mesh first, as `jit` cannot mix the two."""
+  mesh_devices = set(plan.mesh.devices.flat)
+  onto_mesh = lambda x: (jax.device_put(x, NamedSharding(plan.mesh, P())) if isinstance(x, jax.Array)
+                         and x.committed and x.sharding.device_set != mesh_devices else x)
+  args = jax.tree.map(onto_mesh, args)
   return jax.jit(fn, out_shardings=shardings(plan, jax.eval_shape(fn, *args)))(*args)
 
 
