@@ -41,7 +41,7 @@ class WanConfig:
   dtype: str = "float32"                         # compute dtype of dense layers and attention; params stay fp32
   attention_impl: str = "xla"                    # "xla" (reference), "pallas" (flash kernel), "cudnn" (unmasked)
   scan_layers: bool = False                      # nn.scan over blocks (stacked params, fast compile)
-  remat_policy: str = "none"                     # "none" | "full" | "dots_saveable" | "attention_only" | "attention_out_only"
+  remat_policy: str = "none"                     # one of REMAT_POLICIES (wan.remat_policy says what each keeps)
 
   def __post_init__(self):
     def bad(key, msg):
