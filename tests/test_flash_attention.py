@@ -255,6 +255,14 @@ def test_checkpoint_policy_saving_the_residuals_skips_the_forward_recompute(save
   assert calls["flash_bwd_dq"] == calls["flash_bwd_dkdv"] == 1, calls
   want = jax.jit(jax.grad(lambda w: jnp.sum(block(w, x) ** 2)))(w)
   assert _rel(g, want) < 1e-5
+  if saves:   # per-example gradients under the same policy (vmap outside grad and remat)
+    jax.config.update("jax_remat3", True)
+    try:
+      xs = jnp.stack([x, -2 * x])
+      per = jax.jit(jax.vmap(lambda xi: jax.grad(lambda w: jnp.sum(rematted(w, xi) ** 2))(w)))(xs)
+    finally:
+      jax.config.update("jax_remat3", prev)
+    assert _rel(per[1], jax.grad(lambda w: jnp.sum(block(w, -2 * x) ** 2))(w)) < 1e-5
 
 
 def test_vmap_folds_into_batch():
