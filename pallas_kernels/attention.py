@@ -193,7 +193,8 @@ class _FlashAttention(hijax.HiPrim):
 class _FlashReplay(hijax.HiPrim):
   """(q, k, v, o, lse) -> o: the op replayed from its saved forward (`_FlashAttention.remat`). Its value is
   the saved o; its VJP runs the backward kernels with the saved o and lse; o and lse get no cotangent (the
-  recomputed q, k, v carry the whole derivative)."""
+  recomputed q, k, v carry the whole derivative). No vmap rule: `vmap` of a rematted grad batches the op
+  before the remat rule replaces it (tests/test_flash_attention.py checks per-example gradients)."""
 
   def __init__(self, qkv_avals, lse_aval, plan: _Plan):
     self.in_avals = (*qkv_avals, hijax.ShapedArray(qkv_avals[0].shape, qkv_avals[0].dtype), lse_aval)
@@ -216,14 +217,6 @@ class _FlashReplay(hijax.HiPrim):
   def jvp(self, primals, tangents):
     q, k, v = primals[:3]
     return _FlashAttention(*self.in_avals[:3], self.plan).jvp((q, k, v), tangents[:3])
-
-  def batch(self, axis_data, args, dims):
-    """vmap: fold the mapped axis into the batch axis, as `_FlashAttention.batch`."""
-    xs = hijax.bdims_at_front(axis_data, args, dims)
-    n = axis_data.size
-    flat = [x.reshape(n * x.shape[1], *x.shape[2:]) for x in xs]
-    out = _FlashReplay(tuple(jax.typeof(x) for x in flat[:3]), jax.typeof(flat[4]), self.plan)(*flat)
-    return out.reshape(xs[3].shape), 0
 
 
 def _validate(q, k, v, mask, sm_scale, implementation):
