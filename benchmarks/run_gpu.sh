@@ -17,7 +17,8 @@
 #   remat1        one GPU: train_step.py TF diffusion under remat full, attention_out_only, attention_only (one
 #                 process each, one after the other; no retry with fewer frames; POLICIES= picks others)
 #   stream1       one GPU: streaming.py chunk-wise 2-step noisy (first chunk 4 and 2 steps), 4-step clean, with a
-#                 profile of the first row's first chunks (profile.md); ROWS= picks others
+#                 profile of the first row's first chunks (profile.md); ROWS= picks others, STREAM_ARGS=--decode
+#                 adds the Wan VAE decoding each chunk
 #   sfdmd1        one GPU: train_step.py SF-DMD alone
 #   cm1           one GPU: train_step.py TF-dCM + TF-sCM under each remat policy of POLICIES (default attention_out_only)
 # SF-DMD runs 1 critic update per student update here (the paper's 5 multiplies the rollouts and critic steps).
@@ -68,7 +69,7 @@ for arg in "$@"; do
       done ;;
     stream1)
       on 0 timeout -k 10 "$t" python3 benchmarks/streaming.py --out $R/stream --patterns chunkwise \
-        --rows ${ROWS:-2:noisy,2:noisy:2,4:clean} --repeats 2 --profile > $OUT/stream.log 2>&1
+        --rows ${ROWS:-2:noisy,2:noisy:2,4:clean} --repeats 2 --profile ${STREAM_ARGS:-} > $OUT/stream.log 2>&1
       tail -n 60 $OUT/stream.log ;;
     cm1)
       for pol in ${POLICIES:-attention_out_only}; do

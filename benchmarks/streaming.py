@@ -3,6 +3,7 @@
   python benchmarks/streaming.py --out $OUT                       # GPU: the full grid, attention impl pallas
   python benchmarks/streaming.py --out $OUT --impl cudnn,xla      # other attention implementations
   python benchmarks/streaming.py --out /tmp/stream_tiny --tiny    # the same code on CPU in seconds
+  python benchmarks/streaming.py --out $OUT --decode              # + end to end: the Wan VAE decodes each chunk
   python benchmarks/streaming.py --out $OUT --profile             # + a jax.profiler trace of the first chunks and
                                                                   #   where their device time goes (profile.md)
 
@@ -32,7 +33,9 @@ Writes <out>/streaming.json (every row, the device, the command) and <out>/strea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import json
 import os
 import sys
@@ -80,7 +83,7 @@ def video_flops(cfg, plan, schedules, tpf: int, lc: int, noisy_context: bool) ->
 
 
 def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats, profile_dir=None,
-            kv_dtype="bfloat16", first_chunk_steps=4):
+            kv_dtype="bfloat16", first_chunk_steps=4, vae=None):
   first, chunk = sh["patterns"][pattern_name]
   plan = rollout.make_plan(BlockPattern(first, chunk), sh["frames"])
   schedules = rollout.schedules_for(plan, "consistency", steps, first_chunk_steps=first_chunk_steps)
@@ -106,6 +109,7 @@ def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats,
   compile_s = time.perf_counter() - t0
   runs = [one() for _ in range(repeats)]
   chunks, wall = min(runs, key=lambda r: r[1])
+  decoded = stream_with_decode(model, params, noise, cond, kw, vae, repeats) if vae is not None else {}
   if profile_dir:
     os.makedirs(profile_dir, exist_ok=True)
     steady = min(2, len(plan.blocks) - 1)
@@ -124,8 +128,33 @@ def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats,
               context=context, first_chunk_ms=1000 * chunks[0].seconds,
               next_chunk_ms=1000 * float(np.mean([c.seconds for c in chunks[1:]])) if len(chunks) > 1 else None,
               video_s=wall, latent_fps=sh["frames"] / wall, rgb_fps=sh["frames"] * RGB_FRAMES_PER_LATENT / wall,
-              tflop=flops / 1e12, compile_and_first_run_s=compile_s,
+              tflop=flops / 1e12, compile_and_first_run_s=compile_s, **decoded,
               compiles=sum(c.compiled for c in warm), recompiles_after_warmup=sum(c.compiled for c in chunks))
+
+
+def stream_with_decode(model, params, noise, cond, kw, vae, repeats) -> dict:
+  """The same stream with each chunk's latents decoded to RGB frames by the Wan VAE (`wan_vae.decode_chunk`,
+  its causal cache carried from chunk to chunk) as soon as the chunk is ready, on the same device, one after the
+  other: first-chunk latency and FPS end to end. The first pass compiles the two decode shapes."""
+  from rcm_jax.interop import wan_vae
+  vcfg, vparams = vae
+  decode = jax.jit(functools.partial(wan_vae.decode_chunk, config=vcfg))
+
+  def one():
+    t0, cache, first, frames, decode_s = time.perf_counter(), None, None, 0, 0.0
+    for ch in rollout.stream(model, params, noise, cond, **kw):
+      t1 = time.perf_counter()
+      rgb, cache = decode(vparams, ch.video, cache)
+      rgb.block_until_ready()
+      decode_s += time.perf_counter() - t1
+      frames += rgb.shape[1]
+      first = time.perf_counter() - t0 if first is None else first
+    return time.perf_counter() - t0, first, frames, decode_s
+
+  one()
+  wall, first, frames, decode_s = min((one() for _ in range(repeats)), key=lambda r: r[0])
+  return dict(decode_first_chunk_ms=1000 * first, decode_video_s=wall, decode_rgb_frames=frames,
+              decode_vae_s=decode_s, decode_rgb_fps=frames / wall)
 
 
 def grid(args) -> list:
@@ -154,6 +183,8 @@ def main():
                                              "--contexts grid, e.g. 2:noisy,4:clean (the issue's two targets),"
                                              "2:noisy:2")
   ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--decode", action="store_true",
+                  help="also time each row with the Wan VAE decoding every chunk as it comes (random weights)")
   ap.add_argument("--first_chunk_steps", type=int, default=4,
                   help="steps of the first chunk (the paper's 4; 2 or 1 cut the first-chunk latency)")
   ap.add_argument("--kv_cache_dtype", default="bfloat16", choices=rollout.KV_CACHE_DTYPES)
@@ -173,11 +204,17 @@ def main():
               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               command=" ".join(sys.argv), tiny=args.tiny, scan_layers=not args.unrolled, frames=sh["frames"], latent_hw=sh["latent_hw"],
               text_tokens=sh["text_tokens"], peak_tflops=args.peak_tflops, kv_cache_dtype=args.kv_cache_dtype,
-              timed="DiT only (no VAE decoding)")
+              timed="DiT only (no VAE decoding)" + ("; the lines after the table add the Wan VAE (random weights, "
+                                                    "bf16) decoding each chunk" if args.decode else ""))
   rows, lines = [], []
   header = ("| impl | pattern | steps | first chunk steps | context | first chunk ms | next chunk ms | video s | "
             "RGB FPS | TFLOP | FPS limit | fraction |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
   print(f"# {meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}\n{header}", flush=True)
+  vae = None
+  if args.decode:
+    from rcm_jax.interop import wan_vae
+    vcfg = dataclasses.replace(wan_vae.TINY if args.tiny else wan_vae.WAN2P1, dtype="bfloat16")
+    vae = (vcfg, wan_vae.init_params(0, vcfg))
   for impl in impls:
     cfg = get_config(sh["size"], **sh["overrides"], dtype="bfloat16", attention_impl=impl,
                      scan_layers=not args.unrolled)
@@ -191,7 +228,7 @@ def main():
               "chunk geometry) ...", flush=True)
         try:
           r = run_row(model, params, cfg, sh, impl, pattern, steps, context, args.repeats, prof,
-                      args.kv_cache_dtype, first_steps)
+                      args.kv_cache_dtype, first_steps, vae)
         except Exception as e:   # e.g. an impl that cannot take this mask: recorded, the grid goes on
           r = dict(impl=impl, pattern=pattern, steps=steps, first_chunk_steps=first_steps, context=context,
                    error=f"{type(e).__name__}: {e}"[:300])
@@ -209,6 +246,13 @@ def main():
         print(line, flush=True)
         rows.append(r)
         lines.append(line)
+        if vae is not None:
+          dec = (f"with Wan VAE decoding each chunk ({impl} {pattern} {steps}-step {context}, first chunk "
+                 f"{first_steps}): first chunk {r['decode_first_chunk_ms']:.1f} ms, {r['decode_rgb_frames']} RGB "
+                 f"frames in {r['decode_video_s']:.3f} s = {r['decode_rgb_fps']:.1f} FPS end to end (VAE "
+                 f"{r['decode_vae_s']:.3f} s of it)")
+          print(f"# {dec}", flush=True)
+          lines.append(f"\n{dec}\n")
         _write(args.out, meta, rows, header, lines)   # after every row: a time limit still leaves the rows done
   _write(args.out, meta, rows, header, lines)
   print(f"wrote {args.out}/streaming.json and streaming.md")

@@ -5,6 +5,7 @@ AutoencoderKLWan (Wan2.1 structure: 4 stages, 2 temporal down-samplings, 2 resid
 z_dim 4), saves it, encodes a random 9-frame clip and decodes 3 random latent frames through diffusers' chunked,
 cached passes. We load the folder and must match in both our modes (chunked scan with the cache, whole clip).
 """
+import functools
 import json
 import os
 import subprocess
@@ -127,6 +128,21 @@ def test_streaming_is_causal():
   assert dec.shape == (1, 5, 8, 8, 3) and _err(dec[:, :1], dec1) < 1e-6
   # the future does change later frames (the test above is not vacuous)
   assert _err(V.encode_jit(params, video.at[:, 1:].set(0.0), config=cfg, chunked=False)[:, 1:], enc[:, 1:]) > 1e-3
+
+
+def test_decode_chunk_by_chunk_matches_whole_decode():
+  """decode_chunk over a generation's chunks (first 1 latent frame, then 2, then 3) gives `decode`'s frames."""
+  cfg = V.TINY
+  params = V.init_params(int(np.random.default_rng().integers(1 << 30)), cfg)
+  z = jax.random.normal(jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 30))), (1, 6, 2, 2, cfg.z_dim))
+  whole = V.decode_jit(params, z, config=cfg)
+  step = jax.jit(functools.partial(V.decode_chunk, config=cfg))
+  frames, cache = [], None
+  for f0, f1 in ((0, 1), (1, 3), (3, 6)):
+    out, cache = step(params, z[:, f0:f1], cache)
+    assert out.shape[1] == (1 if f0 == 0 else 4 * (f1 - f0))
+    frames.append(out)
+  assert _err(jnp.concatenate(frames, axis=1), whole) < 1e-6
 
 
 def _write_folder(path, state, config):

@@ -525,18 +525,19 @@ def _check_video(video, cfg: WanVAEConfig, name="video"):
 
 
 def _scan_chunks(step, cache, x, chunk: int):
-  """Run `step(x_chunk, cache) -> (y_chunk, cache)` over x[:, 1:] in chunks of `chunk` frames (a lax.scan)."""
+  """Run `step(x_chunk, cache) -> (y_chunk, cache)` over x in chunks of `chunk` frames (a lax.scan) -> (y, the
+  cache after the last chunk)."""
   b, t = x.shape[:2]
-  n = (t - 1) // chunk
-  xs = jnp.moveaxis(x[:, 1:].reshape(b, n, chunk, *x.shape[2:]), 1, 0)       # [n, B, chunk, ...]
+  n = t // chunk
+  xs = jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)              # [n, B, chunk, ...]
 
   def body(c, xc):
     y, c = step(xc, c)
     return c, y
 
-  _, ys = lax.scan(body, cache, xs)                                          # [n, B, t', ...]
+  cache, ys = lax.scan(body, cache, xs)                                      # [n, B, t', ...]
   ys = jnp.moveaxis(ys, 0, 1)
-  return ys.reshape(b, n * ys.shape[2], *ys.shape[3:])
+  return ys.reshape(b, n * ys.shape[2], *ys.shape[3:]), cache
 
 
 def encode_moments(params, video, *, config: WanVAEConfig, chunked: bool = True):
@@ -556,7 +557,7 @@ def encode_moments(params, video, *, config: WanVAEConfig, chunked: bool = True)
   if chunked:
     h, cache = step(video[:, :1], None)
     if video.shape[1] > 1:
-      h = jnp.concatenate([h, _scan_chunks(step, cache, video, config.temporal_factor)], axis=1)
+      h = jnp.concatenate([h, _scan_chunks(step, cache, video[:, 1:], config.temporal_factor)[0]], axis=1)
   else:
     h, _ = step(video, None)
   h = h.astype(jnp.float32)
@@ -592,22 +593,41 @@ def decode(params, latents, *, config: WanVAEConfig, chunked: bool = True):
   chunked: one latent frame per scan step with the causal cache (diffusers' schedule, memory of 4 frames);
   False: the whole clip at once (same result).
   """
+  if chunked:
+    return decode_chunk(params, latents, None, config=config)[0]
+  z = _check_latents(latents, config)
+  out, _ = WanVAE(config).apply({"params": params}, z, None, method=WanVAE.decode_stream)
+  return jnp.clip(out.astype(jnp.float32), -1.0, 1.0)
+
+
+def decode_chunk(params, latents, cache=None, *, config: WanVAEConfig):
+  """Streaming decode, one generated chunk at a time: normalised latents [B, n, h, w, z_dim] of the next chunk
+  and the cache the previous call returned (None for the stream's first chunk) -> (its frames in [-1, 1], fp32:
+  1 + 4(n - 1) for the first chunk, 4n after; the cache). Chunk after chunk gives `decode`'s frames: both run
+  one latent frame per step with the causal cache."""
+  z = _check_latents(latents, config)
+  model = WanVAE(config)
+
+  def step(x, c):
+    return model.apply({"params": params}, x, c, method=WanVAE.decode_stream)
+
+  outs = []
+  if cache is None:
+    out, cache = step(z[:, :1], None)
+    outs, z = [out], z[:, 1:]
+  if z.shape[1]:
+    out, cache = _scan_chunks(step, cache, z, 1)
+    outs.append(out)
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+  return jnp.clip(out.astype(jnp.float32), -1.0, 1.0), cache
+
+
+def _check_latents(latents, config: WanVAEConfig):
+  """Normalised latents [B, F, h, w, z_dim] -> raw fp32 latents, or a UserError naming the shape."""
   latents = jnp.asarray(latents)
   if latents.ndim != 5 or latents.shape[-1] != config.z_dim:
     raise UserError(f"latents must be [B, F, h, w, {config.z_dim}] (channels last), got shape {latents.shape}.")
-  z = denormalize_latents(latents.astype(jnp.float32), config=config)
-  model = WanVAE(config)
-
-  def step(x, cache):
-    return model.apply({"params": params}, x, cache, method=WanVAE.decode_stream)
-
-  if chunked:
-    out, cache = step(z[:, :1], None)
-    if z.shape[1] > 1:
-      out = jnp.concatenate([out, _scan_chunks(step, cache, z, 1)], axis=1)
-  else:
-    out, _ = step(z, None)
-  return jnp.clip(out.astype(jnp.float32), -1.0, 1.0)
+  return denormalize_latents(latents.astype(jnp.float32), config=config)
 
 
 # ----------------------------------------------------------------------------- diffusers checkpoints
