@@ -135,10 +135,9 @@ def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats,
 def stream_with_decode(model, params, noise, cond, kw, vae, repeats) -> dict:
   """The same stream with each chunk's latents decoded to RGB frames by the Wan VAE (`wan_vae.decode_chunk`,
   its causal cache carried from chunk to chunk) as soon as the chunk is ready, on the same device, one after the
-  other: first-chunk latency and FPS end to end. The first pass compiles the two decode shapes."""
-  from rcm_jax.interop import wan_vae
-  vcfg, vparams = vae
-  decode = jax.jit(functools.partial(wan_vae.decode_chunk, config=vcfg))
+  other: first-chunk latency and FPS end to end. vae = (params, the jitted `decode_chunk`, built once for every
+  row); the first pass compiles its shapes (first chunk, later chunks) where an earlier row has not."""
+  vparams, decode = vae
 
   def one():
     t0, cache, first, frames, decode_s = time.perf_counter(), None, None, 0, 0.0
@@ -214,7 +213,7 @@ def main():
   if args.decode:
     from rcm_jax.interop import wan_vae
     vcfg = dataclasses.replace(wan_vae.TINY if args.tiny else wan_vae.WAN2P1, dtype="bfloat16")
-    vae = (vcfg, wan_vae.init_params(0, vcfg))
+    vae = (wan_vae.init_params(0, vcfg), jax.jit(functools.partial(wan_vae.decode_chunk, config=vcfg)))
   for impl in impls:
     cfg = get_config(sh["size"], **sh["overrides"], dtype="bfloat16", attention_impl=impl,
                      scan_layers=not args.unrolled)

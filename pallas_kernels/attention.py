@@ -78,6 +78,10 @@ class _Plan:
     self.fwd_backend = fwd_backend  # "triton" or "mosaic" (resolved by `resolve_backend`)
     self.key = (mask, lq, lk, sm_scale, blocks, interpret, fwd_backend)
 
+  def padded(self, q, k, v):
+    """q, k, v padded to the tile multiples lq_pad / lk_pad."""
+    return _pad(q, self.lq_pad), _pad(k, self.lk_pad), _pad(v, self.lk_pad)
+
   def sched(self, cfg: KernelConfig):
     return tile_schedule(self.mask, self.lq_pad, self.lk_pad, cfg.block_q, cfg.block_k)
 
@@ -97,7 +101,7 @@ def _backward(plan: _Plan, res, do):
   q, k, v, o, lse = res
   p = plan
   do = hijax.instantiate_zeros(do) if isinstance(do, hijax.Zero) else do
-  qp, kp, vp = (_pad(q, p.lq_pad), _pad(k, p.lk_pad), _pad(v, p.lk_pad))
+  qp, kp, vp = p.padded(q, k, v)
   dq, dk, dv = kernels.backward(
       qp, kp, vp, _pad(o, p.lq_pad), lse, _pad(do.astype(q.dtype), p.lq_pad),
       p.sched(p.dq), p.sched(p.dkdv), p.dq, p.dkdv, sm_scale=p.sm_scale, interpret=p.interpret)
@@ -129,13 +133,9 @@ class _FlashAttention(hijax.HiPrim):
     self.params = dict(plan=plan)
     super().__init__()
 
-  def _padded(self, q, k, v):
-    p = self.plan
-    return _pad(q, p.lq_pad), _pad(k, p.lk_pad), _pad(v, p.lk_pad)
-
   def _forward(self, q, k, v):
     p = self.plan
-    qp, kp, vp = self._padded(q, k, v)
+    qp, kp, vp = p.padded(q, k, v)
     if p.fwd_backend == "mosaic":
       o, lse = mosaic.forward(qp, kp, vp, p.mask, sm_scale=p.sm_scale)
       return o[:, :q.shape[1]], lse
@@ -176,7 +176,7 @@ class _FlashAttention(hijax.HiPrim):
   def jvp(self, primals, tangents):
     q, k, v = primals
     p = self.plan
-    qp, kp, vp = self._padded(q, k, v)
+    qp, kp, vp = p.padded(q, k, v)
     tq, tk, tv = (None if isinstance(t, hijax.Zero) else t for t in tangents)
     if tq is None and tk is None and tv is None:
       o = self.expand(q, k, v)
