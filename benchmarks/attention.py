@@ -1,9 +1,10 @@
-"""GPU benchmark and correctness check of `pallas_kernels.flash_attention` (Triton backend), with peers.
+"""GPU benchmark and correctness check of `pallas_kernels.flash_attention` (Triton and Mosaic kernels), with peers.
 
   python benchmarks/attention.py --check --bench --out /tmp/attn   # what RESULTS.md records
   python benchmarks/attention.py --tune                            # block-size sweep at L=16384, dense
   python benchmarks/attention.py --backend mosaic --check --bench --modes fwd,fb --out /tmp/attn
-      # Mosaic GPU forward (Hopper) beside the Triton forward and cuDNN in the same process
+      # Mosaic GPU kernels (Hopper) beside Mosaic fwd + Triton bwd, Triton and cuDNN in the same process
+  python benchmarks/attention.py --mosaic-bwd-tune   # the backward kernels alone: Mosaic configs vs Triton
 
 Reports TFLOP/s at B=1, H=12, D=128, bf16 for forward, forward+backward and forward+JVP, dense and with
 the Wan teacher-forcing mask (1560 tokens per latent frame, frame-wise c1-1 and chunk-wise c3-3), beside
@@ -33,7 +34,7 @@ from rcm_jax.models import masks as video  # noqa: E402
 
 TOKENS_PER_FRAME = 1560
 B, H, D = 1, 12, 128
-BACKEND = None  # forward backend of the "pallas" rows (--backend); None = RCM_FLASH_BACKEND / auto
+BACKEND = None  # kernels of the "pallas" rows (--backend); None = RCM_FLASH_BACKEND / auto
 
 
 def timeit(fn, *args, reps=10, warmup=2):
@@ -69,8 +70,8 @@ def attn_fns(impl, mask, block_sizes=None):
   """(fwd, fwd+bwd, fwd+jvp) jitted closures for one implementation."""
   if impl == "pallas":
     f = lambda q, k, v: pk.flash_attention(q, k, v, mask, block_sizes=block_sizes, backend=BACKEND)
-  elif impl == "triton":  # the Triton forward beside a --backend mosaic run
-    f = lambda q, k, v: pk.flash_attention(q, k, v, mask, block_sizes=block_sizes, backend="triton")
+  elif impl in ("triton", "mosaic_fwd"):  # peers of a --backend mosaic run (Triton; Mosaic fwd + Triton bwd)
+    f = lambda q, k, v: pk.flash_attention(q, k, v, mask, block_sizes=block_sizes, backend=impl)
   elif impl == "cudnn":
     dense = None if mask is None else jnp.asarray(mask.to_dense())[None, None]
     f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="cudnn")
@@ -192,7 +193,7 @@ def bench_case(label, mask, lq, lk, log, results, peers=True, xla_jvp=True, bloc
                                 cfg.block_k).computed_fraction()
   base = 4.0 * B * H * lq * lk * D
   q, k, v, tq, tk, tv = inputs(lq, lk)
-  impls = (["pallas"] + (["triton"] if BACKEND == "mosaic" else []) + (["cudnn"] if peers else [])
+  impls = (["pallas"] + (["mosaic_fwd", "triton"] if BACKEND == "mosaic" else []) + (["cudnn"] if peers else [])
            + (["xla"] if xla_jvp else []))
   for impl in impls:
     try:
@@ -204,7 +205,9 @@ def bench_case(label, mask, lq, lk, log, results, peers=True, xla_jvp=True, bloc
                                  ("jvp", jv, (q, k, v, tq, tk, tv), 3.0)):
       if mode not in modes or (impl == "cudnn" and mode == "jvp") or (impl == "xla" and mode != "jvp"):
         continue
-      if impl == "triton" and mode == "jvp":  # the JVP is the Triton kernel under every backend
+      if impl in ("triton", "mosaic_fwd") and mode == "jvp":  # the JVP is the Triton kernel under every backend
+        continue
+      if impl == "mosaic_fwd" and mode == "fwd":  # the same forward kernel as --backend mosaic
         continue
       try:
         t = timeit(fn, *args, reps=3 if lq * lk > 2e9 else 10)
@@ -218,7 +221,7 @@ def bench_case(label, mask, lq, lk, log, results, peers=True, xla_jvp=True, bloc
       row = dict(label=label, impl=name, mode=mode, lq=lq, lk=lk, density=density, tile_frac=frac,
                  ms=t * 1e3, tflops=tf, tile_tflops=tile_tf)
       results.append(row)
-      log(f"{label:34s} {name:6s} {mode:4s} {t*1e3:9.3f} ms  {tf:7.1f} TFLOP/s  (tiles {tile_tf:7.1f}; "
+      log(f"{label:34s} {name:10s} {mode:4s} {t*1e3:9.3f} ms  {tf:7.1f} TFLOP/s  (tiles {tile_tf:7.1f}; "
           f"density {density:.3f}, tiles {frac:.3f})")
 
 
@@ -268,6 +271,42 @@ def mosaic_tune(log, results, L=16384):
     results.append(dict(label=f"mosaic tune L={L}", impl="mosaic", mode="fwd", block_k=bk, stages=stages,
                         ms=t * 1e3, tflops=tf))
     log(f"mosaic tune L={L} block_k={bk:3d} stages={stages}: {t*1e3:8.3f} ms {tf:7.1f} TFLOP/s")
+
+
+def mosaic_bwd_tune(log, results, cases=("dense:16384",)):
+  """The backward kernels alone (dq + dk/dv, given o, lse2 and dO): Mosaic for a few configs beside Triton's
+  default pair. Rates count the backward as 2.5x the forward FLOPs, masked work by density."""
+  from pallas_kernels import kernels, mosaic  # noqa: PLC0415
+  from pallas_kernels.attention import _pad, _Plan  # noqa: PLC0415
+  cfgs = (mosaic.MosaicBwdConfig(), mosaic.MosaicBwdConfig(one_wait=False), mosaic.MosaicBwdConfig(dq_block_k=128),
+          mosaic.MosaicBwdConfig(dq_stages=3, dkdv_stages=3))
+  for case in cases:
+    kind, *rest = case.split(":")
+    if kind == "dense":
+      L = int(rest[0])
+      mask = Mask.full(L, L)
+    else:
+      mask = tf_mask(int(rest[0]), int(rest[1]))
+      L = mask.shape[0]
+    q, k, v, do = inputs(L, L)[:4]
+    o, lse = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=D ** -0.5))(q, k, v)
+    flops = 2.5 * 4.0 * B * H * L * L * D * mask.density()
+    plan = _Plan(mask, L, L, D ** -0.5, pk.BlockSizes(), False, "triton")
+    runs = [("triton", jax.jit(lambda q, k, v, o, lse, do: kernels.backward(
+        *plan.padded(q, k, v), _pad(o, plan.lq_pad), lse, _pad(do, plan.lq_pad), plan.sched(plan.dq), plan.sched(plan.dkdv), plan.dq, plan.dkdv,
+        sm_scale=D ** -0.5, interpret=False)))]
+    runs += [(str(c), jax.jit(lambda q, k, v, o, lse, do, c=c: mosaic.backward(q, k, v, o, lse, do, mask,
+                                                                                sm_scale=D ** -0.5, cfg=c)))
+             for c in cfgs]
+    for name, fn in runs:
+      try:
+        t = timeit(fn, q, k, v, o, lse, do)
+      except Exception as e:  # noqa: BLE001
+        log(f"bwd tune {case} {name}: failed {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        continue
+      tf = flops / t / 1e12
+      results.append(dict(label=f"bwd tune {case}", impl=name, mode="bwd", ms=t * 1e3, tflops=tf))
+      log(f"bwd tune {case:12s} {name:90s} {t*1e3:8.3f} ms {tf:7.1f} TFLOP/s")
 
 
 def matmul_peak(log):
@@ -322,13 +361,16 @@ def main():
   ap.add_argument("--tune", action="store_true")
   ap.add_argument("--tune2", action="store_true")
   ap.add_argument("--sizes", default="4096,16384,65536")
-  ap.add_argument("--backend", default=None, choices=["auto", "triton", "mosaic"],
-                  help="forward backend of the 'pallas' rows; with 'mosaic' the Triton forward is timed beside it")
+  ap.add_argument("--backend", default=None, choices=["auto", "triton", "mosaic", "mosaic_fwd"],
+                  help="kernels of the 'pallas' rows; with 'mosaic' the Mosaic fwd + Triton bwd pairing and the "
+                       "Triton kernels are timed beside it")
   ap.add_argument("--modes", default="fwd,fb,jvp", help="bench modes: fwd, fb (fwd+bwd), jvp")
   ap.add_argument("--skip-decode", action="store_true", help="leave out the streaming-decode cases")
   ap.add_argument("--tf-cases", default=",".join(f"{f}:{c}" for f, c in TF_CASES),
                   help="teacher-forcing masks to time, as frames:chunk_frames pairs")
   ap.add_argument("--mosaic-tune", action="store_true", help="time the Mosaic forward's (block_k, stages) configs")
+  ap.add_argument("--mosaic-bwd-tune", action="store_true",
+                  help="time the backward kernels alone: Mosaic configs beside the Triton pair")
   ap.add_argument("--check-only", default="", help="comma-separated substrings of the --check case names to run")
   ap.add_argument("--check-no-jvp", action="store_true", help="--check: forward and gradients only")
   ap.add_argument("--skip-scm", action="store_true", help="leave out the sCM/checkpoint case of --check")
@@ -351,10 +393,12 @@ def main():
   if args.check:
     ok = check(log, scm=not args.skip_scm, only=[c for c in args.check_only.split(",") if c],
                jvp=not args.check_no_jvp)
-  if args.bench or args.tune or args.tune2 or args.mosaic_tune:
+  if args.bench or args.tune or args.tune2 or args.mosaic_tune or args.mosaic_bwd_tune:
     matmul_peak(log)
   if args.mosaic_tune:
     mosaic_tune(log, results)
+  if args.mosaic_bwd_tune:
+    mosaic_bwd_tune(log, results)
   if args.tune:
     tune(log, results)
   if args.bench:

@@ -25,11 +25,13 @@ training entry point sets it.
 `implementation="xla"` selects `pallas_kernels.reference.attention` instead (materialises scores; short
 sequences only, or hardware without Pallas-Triton).
 
-Forward backend (`backend=` argument, else the `RCM_FLASH_BACKEND` environment variable, default "auto"):
-"auto" runs the forward (plain evaluation and the VJP's forward) through the Mosaic GPU kernel
-(`pallas_kernels/mosaic.py`) on compute capability 9.x GPUs for bf16 inputs whose mask it handles, and
-through the Triton kernel otherwise; "triton" forces Triton; "mosaic" forces Mosaic (a `UserError` where
-it cannot run). The backward and the fused JVP always use the Triton kernels, which read the same lse2.
+Backend (`backend=` argument, else the `RCM_FLASH_BACKEND` environment variable, default "auto"):
+"auto" runs the forward (plain evaluation and the VJP's forward) and the backward (dq, dk/dv) through the
+Mosaic GPU kernels (`pallas_kernels/mosaic.py`) on compute capability 9.x GPUs for bf16 inputs whose mask
+they handle, and through the Triton kernels otherwise; "triton" forces Triton; "mosaic" forces Mosaic (a
+`UserError` where it cannot run); "mosaic_fwd" is the Mosaic forward with the Triton backward (the
+previous pairing, kept for comparison). The fused JVP always uses the Triton kernel. Every forward kernel
+writes the same lse2, so any backward can follow any forward.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ from rcm_jax.errors import UserError
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float32)  # the two checked on the H100 (float16 never was)
 IMPLEMENTATIONS = ("pallas", "xla")
-BACKENDS = ("auto", "triton", "mosaic")
+BACKENDS = ("auto", "triton", "mosaic", "mosaic_fwd")
 BACKEND_ENV = "RCM_FLASH_BACKEND"
 # Names a `jax.checkpoint` policy saves to keep the forward kernel's output and logsumexp (`_FlashAttention.remat`).
 RESIDUAL_NAMES = ("flash_out", "flash_lse")
@@ -69,14 +71,16 @@ class _Plan:
   """Everything static about one call: tiles, padded lengths and schedules (hashable by its key)."""
 
   def __init__(self, mask: Mask, lq: int, lk: int, sm_scale: float, blocks: BlockSizes, interpret: bool,
-               fwd_backend: str = "triton"):
+               backend: str = "triton"):
     self.fwd, self.dq, self.dkdv, self.jvp = (_shrink(c, lq, lk) for c in blocks.all())
     cfgs = (self.fwd, self.dq, self.dkdv, self.jvp)
     self.lq_pad = _round_up(lq, max(c.block_q for c in cfgs))
     self.lk_pad = _round_up(lk, max(c.block_k for c in cfgs))
     self.mask, self.sm_scale, self.interpret = mask, sm_scale, interpret
-    self.fwd_backend = fwd_backend  # "triton" or "mosaic" (resolved by `resolve_backend`)
-    self.key = (mask, lq, lk, sm_scale, blocks, interpret, fwd_backend)
+    # the kernels a call runs, resolved by `resolve_backend`: "triton", "mosaic" or "mosaic_fwd"
+    self.fwd_backend = "triton" if backend == "triton" else "mosaic"
+    self.bwd_backend = "mosaic" if backend == "mosaic" else "triton"
+    self.key = (mask, lq, lk, sm_scale, blocks, interpret, backend)
 
   def padded(self, q, k, v):
     """q, k, v padded to the tile multiples lq_pad / lk_pad."""
@@ -101,6 +105,8 @@ def _backward(plan: _Plan, res, do):
   q, k, v, o, lse = res
   p = plan
   do = hijax.instantiate_zeros(do) if isinstance(do, hijax.Zero) else do
+  if p.bwd_backend == "mosaic":
+    return mosaic.backward(q, k, v, o, lse, do, p.mask, sm_scale=p.sm_scale)
   qp, kp, vp = p.padded(q, k, v)
   dq, dk, dv = kernels.backward(
       qp, kp, vp, _pad(o, p.lq_pad), lse, _pad(do.astype(q.dtype), p.lq_pad),
@@ -265,7 +271,8 @@ def _hopper_gpu() -> bool:
 
 def resolve_backend(backend: str | None, dtype, head_dim: int, mask: Mask, lq: int, lk: int,
                     interpret: bool) -> str:
-  """The forward kernel a call runs: "triton" or "mosaic" (see the module docstring).
+  """The kernels a call runs: "triton", "mosaic" (forward and backward) or "mosaic_fwd" (Mosaic forward,
+  Triton backward); see the module docstring.
 
   backend: "auto" / "triton" / "mosaic", or None for the `RCM_FLASH_BACKEND` environment variable
   (default "auto"). head_dim is the padded one (64 or 128).
@@ -284,13 +291,13 @@ def resolve_backend(backend: str | None, dtype, head_dim: int, mask: Mask, lq: i
     why = (f"the device is {jax.default_backend()} "
            f"{getattr(jax.devices()[0], 'device_kind', '')!s}, not a compute capability 9.x (Hopper) GPU")
   elif jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
-    why = f"dtype {jnp.dtype(dtype).name} (the Mosaic forward is bf16 only)"
+    why = f"dtype {jnp.dtype(dtype).name} (the Mosaic kernels are bf16 only)"
   else:
     why = mosaic.unsupported_reason(dtype, head_dim, mask, lq, lk)
   if why is None:
-    return "mosaic"
-  if backend == "mosaic":
-    raise UserError(f"flash_attention: {source}='mosaic' cannot run this call: {why}. Use 'auto' or 'triton'.")
+    return "mosaic_fwd" if backend == "mosaic_fwd" else "mosaic"
+  if backend != "auto":
+    raise UserError(f"flash_attention: {source}={backend!r} cannot run this call: {why}. Use 'auto' or 'triton'.")
   return "triton"
 
 
@@ -305,8 +312,8 @@ def flash_attention(q, k, v, mask: Mask | None = None, *, sm_scale: float | None
   D ** -0.5. interpret=None uses Pallas interpret mode when the default backend is the CPU.
   implementation: "pallas" (default) or "xla" (`pallas_kernels.reference.attention`, materialises
   the [Lq, Lk] scores). block_sizes: tile/launch overrides (tuning; see `kernels.BlockSizes`).
-  backend: forward kernel, "auto" (Mosaic GPU on Hopper for bf16, else Triton), "triton" or "mosaic";
-  None reads the `RCM_FLASH_BACKEND` environment variable (default "auto").
+  backend: forward/backward kernels, "auto" (Mosaic GPU on Hopper for bf16, else Triton), "triton",
+  "mosaic" or "mosaic_fwd"; None reads the `RCM_FLASH_BACKEND` environment variable (default "auto").
   Returns [B, Lq, H, D] in q.dtype. Differentiable with `jax.grad` and `jax.jvp` (see module doc).
   """
   _validate(q, k, v, mask, sm_scale, implementation)
@@ -325,7 +332,7 @@ def flash_attention(q, k, v, mask: Mask | None = None, *, sm_scale: float | None
     # pad/slice are linear, so grad and jvp pass through them. Costs (d_pad / d)x the matmul work.
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, d_pad - d)))
     q, k, v = pad(q), pad(k), pad(v)
-  fwd_backend = resolve_backend(backend, q.dtype, d_pad, mask, lq, lk, bool(interpret))
-  plan = _Plan(mask, lq, lk, scale, block_sizes or BlockSizes.default_for(q.dtype), bool(interpret), fwd_backend)
+  kernels_used = resolve_backend(backend, q.dtype, d_pad, mask, lq, lk, bool(interpret))
+  plan = _Plan(mask, lq, lk, scale, block_sizes or BlockSizes.default_for(q.dtype), bool(interpret), kernels_used)
   o = _FlashAttention(jax.typeof(q), jax.typeof(k), jax.typeof(v), plan)(q, k, v)
   return o[..., :d]

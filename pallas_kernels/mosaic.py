@@ -1,11 +1,13 @@
-"""Hopper (sm_90) forward kernel in Pallas Mosaic GPU: o and lse2 of block-sparse masked attention, bf16.
+"""Hopper (sm_90) kernels in Pallas Mosaic GPU for block-sparse masked attention, bf16: the forward (o and
+lse2) and the backward (dq, dk/dv).
 
-This file owns the Mosaic GPU path of the forward pass (`forward`) and the test of whether a call can take
-it (`unsupported_reason`). `attention.py` picks it on compute capability 9.x GPUs for bf16 forward calls
-(plain evaluation and the VJP's forward); the backward (dq, dk/dv) and the fused forward+JVP stay on the
-Triton kernels in `kernels.py`, and so does everything in interpret mode (CPU tests).
+This file owns the Mosaic GPU path of the forward (`forward`) and the backward (`backward`), and the test
+of whether a call can take them (`unsupported_reason`). `attention.py` picks them on compute capability 9.x
+GPUs for bf16 calls; the fused forward+JVP stays on the Triton kernel in `kernels.py`, and so does everything
+in interpret mode (CPU tests of the op). The kernels themselves also run in jax's Mosaic GPU interpreter on
+the CPU (`interpret=`), which is how the tests check their logic.
 
-Structure (FlashAttention-3 style, written for our `TileSchedule`s): one CTA per (q head, 128-row query
+Forward structure (FlashAttention-3 style, written for our `TileSchedule`s): one CTA per (q head, 128-row query
 tile, batch) with three warpgroups. Warpgroup 2 is the producer: it walks the tile's schedule (partial key
 tiles first, then full ones) and TMA-copies each K and V tile into a ring of `stages` shared-memory slots,
 waiting on "consumed" barriers before reusing a slot. Warpgroups 0 and 1 each own 64 query rows of the
@@ -19,8 +21,10 @@ Numerics match `kernels.forward`: masked logits are -inf, the running max starts
 `MASK_VALUE` (so a row with nothing allowed yet keeps p = 0, never NaN), fully masked rows give o = 0 and
 lse2 = BIG. lse2 = m2 + log2(l) in base 2, [B, H, Lq], the layout the Triton backward reads.
 
-Limits (callers check `unsupported_reason` first): bf16 (or f16) inputs, D in {64, 128}, interval-mode
-schedules with at most `MAX_INTERVALS` intervals per row (dense random masks stay on Triton).
+The backward's two kernels have the same shape; see the comment above `MosaicBwdConfig`.
+
+Limits of both (callers check `unsupported_reason` first): bf16 (or f16) inputs, D in {64, 128},
+interval-mode schedules with at most `MAX_INTERVALS` intervals per row (dense random masks stay on Triton).
 """
 from __future__ import annotations
 
@@ -76,6 +80,37 @@ def _schedule(mask: Mask, lq: int, lk: int, cfg: MosaicConfig) -> TileSchedule:
 
 def _pad_len(x, length):
   return x if x.shape[1] == length else jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+
+
+def _keep_intervals(x, idx, ivs, fill, *, per_row):
+  """x where idx lies in one of the intervals ivs = [(start, end), ...], else fill. idx is the key index of
+  each element; the interval vectors run along the query axis: axis 0 of x (per_row, S [q, k]) or axis 1
+  (S^T [k, q] in the dk/dv kernel). Chained selects, no boolean vectors."""
+  dim = [0] if per_row else [1]
+  out = None
+  for st, en in ivs:
+    other = fill if out is None else out
+    t = jnp.where(idx < lax.broadcast_in_dim(en, x.shape, dim), x, other)
+    out = jnp.where(idx >= lax.broadcast_in_dim(st, x.shape, dim), t, other)
+  return out
+
+
+def _produce(plgpu, pl, n, stages, streams):
+  """The producer warpgroup's loop: for each of the n tiles of a schedule, TMA-copy every stream's tile into
+  its ring slot j % stages. streams: [(src(j) -> gmem view, smem ring [stages, ...], full barriers [stages],
+  free barriers [stages] or None)]; a stream waits its free barrier (the consumers are done with the slot)
+  before reusing a slot; None shares the previous stream's wait."""
+  def issue(j, carry):
+    slot = lax.rem(j, stages)
+    for src, ring, full, free in streams:
+      if free is not None:
+        @pl.when(j >= stages)
+        def _():
+          plgpu.barrier_wait(free.at[slot])
+      plgpu.copy_gmem_to_smem(src(j), ring.at[slot], full.at[slot])
+    return carry
+
+  lax.fori_loop(0, n, issue, None)
 
 
 def _kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
@@ -140,14 +175,8 @@ def _kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, o_ref,
       s = pl.run_scoped(qk, plgpu.ACC((bq, block_k), jnp.float32))  # [64, bk] raw logits
       plgpu.barrier_arrive(k_free.at[slot])
       if masked:
-        k0 = tiles_ref[base + j] * block_k
-        cols = plgpu.broadcasted_iota(jnp.int32, (bq, block_k), 1, layout=plgpu.Layout.WGMMA) + k0
-        x = None
-        for st, en in ivs:
-          other = -jnp.inf if x is None else x
-          t = jnp.where(cols < lax.broadcast_in_dim(en, (bq, block_k), [0]), s, other)
-          x = jnp.where(cols >= lax.broadcast_in_dim(st, (bq, block_k), [0]), t, other)
-        s = x
+        cols = plgpu.broadcasted_iota(jnp.int32, (bq, block_k), 1, layout=plgpu.Layout.WGMMA)
+        s = _keep_intervals(s, cols + tiles_ref[base + j] * block_k, ivs, -jnp.inf, per_row=True)
       m_new = jnp.maximum(m, s.max(axis=1) * scale2)
       alpha = jnp.exp2(m - m_new)
       p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -195,25 +224,9 @@ def _kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, o_ref,
     if regs:
       plgpu.set_max_registers(40, action="decrease")
     kv_head = lax.div(h, jnp.array(group, h.dtype))
-
-    def issue(j, _):
-      slot = lax.rem(j, stages)
-      rows = (b, pl.ds(tiles_ref[base + j] * block_k, block_k), kv_head)
-
-      @pl.when(j >= stages)
-      def _():
-        plgpu.barrier_wait(k_free.at[slot])
-
-      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bars.at[slot])
-
-      @pl.when(j >= stages)
-      def _():
-        plgpu.barrier_wait(v_free.at[slot])
-
-      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bars.at[slot])
-      return _
-
-    lax.fori_loop(0, n, issue, None)
+    rows = lambda j: (b, pl.ds(tiles_ref[base + j] * block_k, block_k), kv_head)
+    _produce(plgpu, pl, n, stages, [(lambda j: k_ref.at[rows(j)], k_smem, k_bars, k_free),
+                                    (lambda j: v_ref.at[rows(j)], v_smem, v_bars, v_free)])
 
 
 def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicConfig(), interpret=None):
@@ -264,3 +277,280 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
       **({} if interpret is None else dict(interpret=interpret)),
   )(tiles, npart, nfull, iv, qp, kp, vp)
   return o[:, :lq], lse[:, :, :lq]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backward: dq and dk/dv, two kernels (FlashAttention-2's split: no atomics, each output written once).
+# Both have the forward's shape: 2 consumer warpgroups x 64 rows and a producer warpgroup that walks a tile
+# schedule into a shared-memory ring. p = exp2(s * scale2 - lse2) from the forward's lse2 (BIG on rows with
+# nothing allowed and on padded rows, so p = 0 there); delta = rowsum(dO * O) comes from XLA.
+#   dq kernel, one CTA per (q head, 128 query rows, batch), over the row schedule's key tiles:
+#     S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+#   dk/dv kernel, one CTA per (q head, 128 key rows, batch), over the column schedule's query tiles, in
+#   the transposed orientation so P^T and dS^T are wgmma A operands straight from registers:
+#     S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+# Grouped heads: dk/dv per q head (bf16), summed over the group in fp32 outside.
+# ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBwdConfig:
+  """dq_block_k: the dq kernel's key tile; dkdv_block_q: the dk/dv kernel's query tile (multiples of 64);
+  stages: ring depths of the two kernels; one_wait: the dk/dv kernel issues dV += P^T dO and dP^T = V dO^T
+  together and waits once (False: one wait after each)."""
+  dq_block_k: int = 64
+  dq_stages: int = 2
+  dkdv_block_q: int = 64
+  dkdv_stages: int = 2
+  one_wait: bool = True
+
+
+def _mma_into(acc, a, b_smem, a_smem, *, plgpu, pl, regs):
+  """acc + a @ b_smem by wgmma, a [M, K] in registers. regs=False (CPU interpreter: no register A operand,
+  no run_state): a goes through the shared-memory scratch a_smem into a fresh accumulator."""
+  if regs:
+    return pl.run_state(lambda r: plgpu.wgmma(r, a, b_smem))(plgpu.ACC.init(acc))
+  a_smem[...] = a
+  plgpu.commit_smem()
+  return acc + pl.run_scoped(lambda r: (plgpu.wgmma(r, a_smem, b_smem), r[...])[1], plgpu.ACC(acc.shape, jnp.float32))
+
+
+def _mma(a_smem, b_smem, shape, *, plgpu, pl):
+  """a_smem @ b_smem by wgmma into a fresh fp32 accumulator of `shape`."""
+  return pl.run_scoped(lambda r: (plgpu.wgmma(r, a_smem, b_smem), r[...])[1], plgpu.ACC(shape, jnp.float32))
+
+
+def _dq_kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+               smem, bars, free_bars, *, plgpu, pl, scale, scale2, width, block_k, stages, group, n_iv, regs):
+  q_smem2, do_smem2, lse_smem2, delta_smem2, iv_smem2, k_smem, v_smem, *ds_smem2 = smem
+  k_bars, v_bars, in_bars = bars  # in_bars [5 * COMPUTE_WGS]: q, do, lse, delta, iv per consumer
+  k_free, v_free = free_bars
+  bq = ROWS_PER_WG
+  dtype = q_ref.dtype
+  b = lax.axis_index("batch")
+  h = lax.axis_index("heads")
+  qi = lax.axis_index("q_seq")
+  wg = lax.axis_index("wg")
+  base = qi * width
+  n_p = npart_ref[qi]
+  n = n_p + nfull_ref[qi]
+  mm = dict(plgpu=plgpu, pl=pl)
+
+  @pl.when(wg < COMPUTE_WGS)
+  def _consumer():
+    if regs:
+      plgpu.set_max_registers(232, action="increase")
+    q0 = qi * (COMPUTE_WGS * bq) + wg * bq
+    q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+    rows = (b, pl.ds(q0, bq), h)
+    ins = [(q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem), (lse_ref.at[b, h, pl.ds(q0, bq)], lse_smem2.at[wg]),
+           (delta_ref.at[b, h, pl.ds(q0, bq)], delta_smem2.at[wg]), (iv_ref.at[:, pl.ds(q0, bq)], iv_smem2.at[wg])]
+    for i, (src, dst) in enumerate(ins):
+      plgpu.copy_gmem_to_smem(src, dst, in_bars.at[i * COMPUTE_WGS + wg])
+    for i in range(len(ins)):
+      plgpu.barrier_wait(in_bars.at[i * COMPUTE_WGS + wg])
+    row = plgpu.Layout.WGMMA.reduce(1)
+    lse = plgpu.load(lse_smem2.at[wg], layout=row)
+    delta = plgpu.load(delta_smem2.at[wg], layout=row)
+    ivs = [(plgpu.load(iv_smem2.at[wg, r], layout=row), plgpu.load(iv_smem2.at[wg, n_iv + r], layout=row))
+           for r in range(n_iv)]
+    dq = plgpu.layout_cast(jnp.zeros((bq, q_ref.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
+
+    def step(j, dq, masked):
+      slot = lax.rem(j, stages)
+      plgpu.barrier_wait(k_bars.at[slot])
+      plgpu.barrier_wait(v_bars.at[slot])
+
+      def s_dp(s_ref, dp_ref):
+        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+        plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
+        return s_ref[...], dp_ref[...]
+
+      s, dp = pl.run_scoped(s_dp, plgpu.ACC((bq, block_k), jnp.float32), plgpu.ACC((bq, block_k), jnp.float32))
+      plgpu.barrier_arrive(v_free.at[slot])
+      p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse, s.shape, [0]))
+      if masked:
+        cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+        p = _keep_intervals(p, cols + tiles_ref[base + j] * block_k, ivs, 0.0, per_row=True)
+      ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
+      dq = _mma_into(dq, ds.astype(dtype), k_smem.at[slot], ds_smem2[0].at[wg] if ds_smem2 else None,
+                     regs=regs, **mm)
+      plgpu.barrier_arrive(k_free.at[slot])
+      return dq
+
+    dq = lax.fori_loop(0, n_p, functools.partial(step, masked=True), dq)
+    dq = lax.fori_loop(n_p, n, functools.partial(step, masked=False), dq)
+    q_smem[...] = (dq * scale).astype(dtype)  # the last wgmma reading q_smem has completed
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == COMPUTE_WGS)
+  def _producer():
+    if regs:
+      plgpu.set_max_registers(40, action="decrease")
+    kv_head = lax.div(h, jnp.array(group, h.dtype))
+    rows = lambda j: (b, pl.ds(tiles_ref[base + j] * block_k, block_k), kv_head)
+    _produce(plgpu, pl, n, stages, [(lambda j: k_ref.at[rows(j)], k_smem, k_bars, k_free),
+                                    (lambda j: v_ref.at[rows(j)], v_smem, v_bars, v_free)])
+
+
+def _dkdv_kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                 dk_ref, dv_ref, smem, bars, free_bars, *, plgpu, pl, scale, scale2, width, block_q, stages,
+                 group, n_iv, regs, one_wait):
+  k_smem2, v_smem2, q_ring, do_ring, lse_ring, delta_ring, iv_ring, *a_smem2 = smem
+  kv_bars, ring_bars = bars  # kv_bars [2 * COMPUTE_WGS]: k, v per consumer; ring_bars: q, do, lse, delta, iv
+  (free,) = free_bars
+  bk = ROWS_PER_WG
+  dtype = q_ref.dtype
+  b = lax.axis_index("batch")
+  h = lax.axis_index("heads")
+  ki = lax.axis_index("k_seq")
+  wg = lax.axis_index("wg")
+  base = ki * width
+  n_p = npart_ref[ki]
+  n = n_p + nfull_ref[ki]
+  mm = dict(plgpu=plgpu, pl=pl)
+
+  @pl.when(wg < COMPUTE_WGS)
+  def _consumer():
+    if regs:
+      plgpu.set_max_registers(232, action="increase")
+    k0 = ki * (COMPUTE_WGS * bk) + wg * bk
+    k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+    kv_head = lax.div(h, jnp.array(group, h.dtype))
+    kv_rows = (b, pl.ds(k0, bk), kv_head)
+    plgpu.copy_gmem_to_smem(k_ref.at[kv_rows], k_smem, kv_bars.at[wg])
+    plgpu.copy_gmem_to_smem(v_ref.at[kv_rows], v_smem, kv_bars.at[COMPUTE_WGS + wg])
+    plgpu.barrier_wait(kv_bars.at[wg])
+    plgpu.barrier_wait(kv_bars.at[COMPUTE_WGS + wg])
+    col = plgpu.Layout.WGMMA.reduce(0)
+    d = q_ref.shape[-1]
+    zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
+    a_smem = a_smem2[0].at[wg] if a_smem2 else None
+
+    def step(j, carry, masked):
+      dk, dv = carry
+      slot = lax.rem(j, stages)
+      for bar in ring_bars:  # every barrier every step: the wait parity is tracked per barrier
+        plgpu.barrier_wait(bar.at[slot])
+      st = _mma(k_smem, q_ring.at[slot].transpose((1, 0)), (bk, block_q), **mm)  # S^T [64 keys, bq]
+      lse = plgpu.load(lse_ring.at[slot], layout=col)
+      pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse, st.shape, [1]))
+      if masked:
+        keys = plgpu.broadcasted_iota(jnp.int32, st.shape, 0, layout=plgpu.Layout.WGMMA) + k0
+        ivs = [(plgpu.load(iv_ring.at[slot, r], layout=col), plgpu.load(iv_ring.at[slot, n_iv + r], layout=col))
+               for r in range(n_iv)]
+        pt = _keep_intervals(pt, keys, ivs, 0.0, per_row=False)
+      if regs and one_wait:  # dV += P^T dO and dP^T = V dO^T in one region: one wgmma wait for both
+        def dv_dpt(refs):
+          plgpu.wgmma(refs[0], pt.astype(dtype), do_ring.at[slot])
+          plgpu.wgmma(refs[1], v_smem, do_ring.at[slot].transpose((1, 0)))
+        zero = plgpu.layout_cast(jnp.zeros(st.shape, jnp.float32), plgpu.Layout.WGMMA)
+        dv, dpt = pl.run_state(dv_dpt)((plgpu.ACC.init(dv), plgpu.ACC.init(zero)))
+      else:
+        dv = _mma_into(dv, pt.astype(dtype), do_ring.at[slot], a_smem, regs=regs, **mm)
+        dpt = _mma(v_smem, do_ring.at[slot].transpose((1, 0)), (bk, block_q), **mm)
+      delta = plgpu.load(delta_ring.at[slot], layout=col)
+      dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
+      dk = _mma_into(dk, dst.astype(dtype), q_ring.at[slot], a_smem, regs=regs, **mm)
+      plgpu.barrier_arrive(free.at[slot])
+      return dk, dv
+
+    carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), (zeros, zeros))
+    dk, dv = lax.fori_loop(n_p, n, functools.partial(step, masked=False), carry)
+    k_smem[...] = (dk * scale).astype(dtype)
+    v_smem[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    out_rows = (b, pl.ds(k0, bk), h)
+    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[out_rows])
+    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[out_rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == COMPUTE_WGS)
+  def _producer():
+    if regs:
+      plgpu.set_max_registers(40, action="decrease")
+    q0 = lambda j: tiles_ref[base + j] * block_q
+    rows = lambda j: (b, pl.ds(q0(j), block_q), h)
+    q_bars, do_bars, lse_bars, delta_bars, iv_bars = bars[1]
+    _produce(plgpu, pl, n, stages, [
+        (lambda j: q_ref.at[rows(j)], q_ring, q_bars, free),
+        (lambda j: do_ref.at[rows(j)], do_ring, do_bars, None),
+        (lambda j: lse_ref.at[b, h, pl.ds(q0(j), block_q)], lse_ring, lse_bars, None),
+        (lambda j: delta_ref.at[b, h, pl.ds(q0(j), block_q)], delta_ring, delta_bars, None),
+        (lambda j: iv_ref.at[:, pl.ds(q0(j), block_q)], iv_ring, iv_bars, None)])
+
+
+def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwdConfig = MosaicBwdConfig(),
+             interpret=None):
+  """q, o, do [B, Lq, H, D]; k, v [B, Lk, Hkv, D]; lse2 [B, H, >= Lq] from a forward kernel -> (dq, dk, dv)
+  in the inputs' dtype. Any Lq, Lk (zero-padded here; padded rows get lse2 = BIG, so they add nothing).
+  `unsupported_reason` decides which calls it takes (the same rules as the forward)."""
+  import jax.experimental.pallas as pl  # noqa: PLC0415
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
+
+  b, lq, h, d = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  block = COMPUTE_WGS * ROWS_PER_WG  # 128: the query rows of a dq CTA and the key rows of a dk/dv CTA
+  lq_m = _round_up(lq, max(block, cfg.dkdv_block_q))
+  lk_m = _round_up(lk, max(block, cfg.dq_block_k))
+  s_dq = tile_schedule(mask, lq_m, lk_m, block, cfg.dq_block_k)
+  s_kv = tile_schedule(mask, lq_m, lk_m, cfg.dkdv_block_q, block)
+  for sched in (s_dq, s_kv):
+    if sched.mode != "intervals" or sched.mask_arrays[0].shape[0] > MAX_INTERVALS:
+      raise ValueError(f"mosaic.backward: unsupported mask ({unsupported_reason(q.dtype, d, mask, lq, lk)}).")
+  delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
+  delta = jnp.pad(delta, ((0, 0), (0, 0), (0, lq_m - lq)))
+  lse = jnp.pad(lse[:, :, :lq], ((0, 0), (0, 0), (0, lq_m - lq)), constant_values=BIG)
+  qp, dop, kp, vp = _pad_len(q, lq_m), _pad_len(do.astype(q.dtype), lq_m), _pad_len(k, lk_m), _pad_len(v, lk_m)
+  group = h // hkv
+  regs = interpret is None
+  smem_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=smem_tf)
+  common = dict(plgpu=plgpu, pl=pl, scale=sm_scale, scale2=sm_scale * LOG2E, group=group, regs=regs)
+  launch = dict(num_threads=COMPUTE_WGS + 1, thread_name="wg",
+                compiler_params=plgpu.CompilerParams(approx_math=True),
+                **({} if interpret is None else dict(interpret=interpret)))
+
+  def sched_inputs(sched, rowmajor):
+    starts, ends = sched.mask_arrays
+    lists = (sched.kv_tiles, sched.kv_partial, sched.kv_full) if rowmajor else \
+        (sched.q_tiles, sched.q_partial, sched.q_full)
+    return [jnp.asarray(a) for a in lists] + [jnp.asarray(np.concatenate([starts, ends], 0))], starts.shape[0]
+
+  # dq
+  ins, n_iv = sched_inputs(s_dq, True)
+  bk, st = cfg.dq_block_k, cfg.dq_stages
+  scratch = [
+      (tile(COMPUTE_WGS, ROWS_PER_WG, d), tile(COMPUTE_WGS, ROWS_PER_WG, d),
+       plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32), plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
+       plgpu.SMEM((COMPUTE_WGS, 2 * n_iv, ROWS_PER_WG), jnp.int32), tile(st, bk, d), tile(st, bk, d))
+      + (() if regs else (plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, bk), q.dtype),)),
+      (plgpu.Barrier(num_barriers=st), plgpu.Barrier(num_barriers=st), plgpu.Barrier(num_barriers=5 * COMPUTE_WGS)),
+      (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st),) * 2,
+  ]
+  dq = plgpu.kernel(
+      functools.partial(_dq_kernel, width=s_dq.wq, block_k=bk, stages=st, n_iv=n_iv, **common),
+      out_type=jax.ShapeDtypeStruct((b, lq_m, h, d), q.dtype), scratch_types=scratch,
+      grid=(h, lq_m // block, b), grid_names=("heads", "q_seq", "batch"), **launch,
+  )(*ins, qp, kp, vp, dop, lse, delta)
+
+  # dk, dv (per q head)
+  ins, n_iv = sched_inputs(s_kv, False)
+  bq, st = cfg.dkdv_block_q, cfg.dkdv_stages
+  scratch = [
+      (tile(COMPUTE_WGS, ROWS_PER_WG, d), tile(COMPUTE_WGS, ROWS_PER_WG, d), tile(st, bq, d), tile(st, bq, d),
+       plgpu.SMEM((st, bq), jnp.float32), plgpu.SMEM((st, bq), jnp.float32), plgpu.SMEM((st, 2 * n_iv, bq), jnp.int32))
+      + (() if regs else (plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, bq), q.dtype),)),
+      (plgpu.Barrier(num_barriers=2 * COMPUTE_WGS), (plgpu.Barrier(num_barriers=st),) * 5),
+      (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st),),
+  ]
+  dk, dv = plgpu.kernel(
+      functools.partial(_dkdv_kernel, width=s_kv.wk, block_q=bq, stages=st, n_iv=n_iv, one_wait=cfg.one_wait,
+                        **common),
+      out_type=[jax.ShapeDtypeStruct((b, lk_m, h, d), q.dtype)] * 2, scratch_types=scratch,
+      grid=(h, lk_m // block, b), grid_names=("heads", "k_seq", "batch"), **launch,
+  )(*ins, qp, kp, vp, dop, lse, delta)
+  if group > 1:
+    dk, dv = (x.reshape(b, lk_m, hkv, group, d).astype(jnp.float32).sum(3).astype(q.dtype) for x in (dk, dv))
+  return dq[:, :lq], dk[:, :lk], dv[:, :lk]

@@ -339,8 +339,9 @@ def test_backend_dispatch_picks_triton_on_cpu(monkeypatch):
   for interpret in (True, False):  # CPU: interpret mode, or compiled on a non-Hopper device
     assert resolve_backend(None, jnp.bfloat16, 128, mask, 300, 300, interpret) == "triton"
     assert resolve_backend("auto", jnp.bfloat16, 128, mask, 300, 300, interpret) == "triton"
-  with pytest.raises(UserError, match="backend='mosaic' cannot run this call: interpret mode"):
-    resolve_backend("mosaic", jnp.bfloat16, 128, mask, 300, 300, True)
+  for forced in ("mosaic", "mosaic_fwd"):
+    with pytest.raises(UserError, match=f"backend='{forced}' cannot run this call: interpret mode"):
+      resolve_backend(forced, jnp.bfloat16, 128, mask, 300, 300, True)
   with pytest.raises(UserError, match=BACKEND_ENV):
     monkeypatch.setenv(BACKEND_ENV, "cutlass")
     resolve_backend(None, jnp.bfloat16, 128, mask, 300, 300, True)
@@ -367,6 +368,19 @@ def test_mosaic_support_rules():
   assert "dense element mask" in mosaic.unsupported_reason(jnp.bfloat16, 128, noisy, 200, 300)
   many = Mask.from_ranges(128, 640, [(0, 128, 100 * i, 100 * i + 50) for i in range(6)])  # 6 intervals a row
   assert "intervals per row" in mosaic.unsupported_reason(jnp.bfloat16, 128, many, 128, 640)
+
+
+@pytest.mark.parametrize("d,heads", [(128, (4, 2)), (64, (2, 2))])
+def test_mosaic_backward_lowers_for_hopper(d, heads):
+  mask = video.teacher_forcing(5, 100, first_chunk_frames=1, chunk_frames=1)
+  lq = mask.shape[0]
+  q = jax.ShapeDtypeStruct((1, lq, heads[0], d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, lq, heads[1], d), jnp.bfloat16)
+  lse = jax.ShapeDtypeStruct((1, heads[0], lq), jnp.float32)
+  fn = jax.jit(lambda q, k, v, o, lse, do: mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=d ** -0.5))
+  assert "mosaic_gpu" in fn.trace(q, kv, kv, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
+  dq, dk, dv = jax.eval_shape(fn, q, kv, kv, q, lse, q)
+  assert dq.shape == q.shape and dk.shape == dv.shape == kv.shape and dq.dtype == dk.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("d,heads", [(128, (4, 2)), (64, (2, 2))])
@@ -409,3 +423,27 @@ def test_mosaic_forward_in_gpu_interpreter():
   ref_lse = np.log2(np.exp2(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
   np.testing.assert_allclose(np.asarray(lse)[:, :, 20:], ref_lse, rtol=1e-5, atol=1e-4)
   assert np.all(np.asarray(lse)[:, :, :20] >= 1e29)  # lse2 = BIG on fully masked rows (backward reads it)
+
+
+def test_mosaic_backward_in_gpu_interpreter():
+  """dq and dk/dv kernels in jax's Mosaic GPU interpreter: grouped heads, ragged lengths, rows with no
+  allowed key, several intervals per row, more tiles than ring slots; against float64 gradients."""
+  plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  if not hasattr(plgpu, "InterpretGPUParams"):
+    pytest.skip("this jax has no Mosaic GPU interpreter")
+  rng = np.random.default_rng()
+  lq, lk = int(rng.integers(150, 260)), int(rng.integers(260, 330))
+  e = int(rng.integers(5, 30))  # rows [0, e) allow nothing
+  mask = Mask.from_ranges(lq, lk, [(e, lq, 0, int(rng.integers(40, 90))), (e, lq // 2, 100, 190),
+                                   (lq // 2, lq, 150, lk)])
+  q, k, v = _inputs(rng, 1, lq, lk, 4, 2, 64, jnp.bfloat16)
+  do = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
+  interp = plgpu.InterpretGPUParams()
+  o, lse = mosaic.forward(q, k, v, mask, sm_scale=0.125, interpret=interp)
+  grads = mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=0.125, interpret=interp)
+  ref, run = _ref64(mask, sm_scale=0.125)
+  want = run(lambda q, k, v, do: jax.vjp(ref, q, k, v)[1](do), q, k, v, do)
+  for name, got, w in zip(("dq", "dk", "dv"), grads, want):
+    assert got.shape == w.shape and got.dtype == jnp.bfloat16, name
+    assert _rel(got, w) < TOL[jnp.bfloat16], name
+  assert np.all(np.asarray(grads[0])[:, :e] == 0)  # rows with nothing allowed get no gradient
