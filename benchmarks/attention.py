@@ -4,6 +4,7 @@
   python benchmarks/attention.py --tune                            # block-size sweep at L=16384, dense
   python benchmarks/attention.py --backend mosaic --check --bench --modes fwd,fb --out /tmp/attn
       # Mosaic GPU kernels (Hopper) beside Mosaic fwd + Triton bwd, Triton and cuDNN in the same process
+  python benchmarks/attention.py --mosaic-jvp-tune   # the fused forward+JVP alone: Mosaic vs Triton
   python benchmarks/attention.py --mosaic-bwd-tune   # the backward kernels alone: Mosaic configs vs Triton
 
 Reports TFLOP/s at B=1, H=12, D=128, bf16 for forward, forward+backward and forward+JVP, dense and with
@@ -165,7 +166,7 @@ def _check_case(log, name, mask, lq, lk, h, hkv, dtype, jvp=True):
   rg = jax.jit(jax.grad(lambda q, k, v: jnp.sum(reference.attention(q, k, v, mask) * ct), (0, 1, 2)))(
       *f32(q, k, v))
   errs = dict(o=rel(o, ro(q, k, v)), dq=rel(g[0], rg[0]), dk=rel(g[1], rg[1]), dv=rel(g[2], rg[2]))
-  if jvp:  # the fused JVP kernel (Triton under every backend)
+  if jvp:  # the fused forward+JVP kernel (Mosaic under --backend mosaic where it applies, else Triton)
     oj, tj = jax.jit(lambda *a: jax.jvp(f, a[:3], a[3:]))(q, k, v, tq, tk, tv)
     rj = jax.jit(lambda *a: jax.jvp(lambda q, k, v: reference.attention(q, k, v, mask), a[:3], a[3:]))(
         *f32(q, k, v, tq, tk, tv))
@@ -205,9 +206,7 @@ def bench_case(label, mask, lq, lk, log, results, peers=True, xla_jvp=True, bloc
                                  ("jvp", jv, (q, k, v, tq, tk, tv), 3.0)):
       if mode not in modes or (impl == "cudnn" and mode == "jvp") or (impl == "xla" and mode != "jvp"):
         continue
-      if impl in ("triton", "mosaic_fwd") and mode == "jvp":  # the JVP is the Triton kernel under every backend
-        continue
-      if impl == "mosaic_fwd" and mode == "fwd":  # the same forward kernel as --backend mosaic
+      if impl == "mosaic_fwd" and mode != "fb":  # its forward is --backend mosaic's, its JVP Triton's
         continue
       try:
         t = timeit(fn, *args, reps=3 if lq * lk > 2e9 else 10)
@@ -309,6 +308,33 @@ def mosaic_bwd_tune(log, results, cases=("dense:16384",)):
       log(f"bwd tune {case:12s} {name:90s} {t*1e3:8.3f} ms {tf:7.1f} TFLOP/s")
 
 
+def mosaic_jvp_tune(log, results, cases=("dense:16384", "tf:21:1")):
+  """The fused forward+JVP kernels alone (all three tangents): Mosaic beside Triton's default. Rates count
+  the JVP as 3x the forward FLOPs, masked work by density."""
+  from pallas_kernels import kernels, mosaic  # noqa: PLC0415
+  from pallas_kernels.attention import _pad, _Plan  # noqa: PLC0415
+  for case in cases:
+    kind, *rest = case.split(":")
+    mask = Mask.full(int(rest[0]), int(rest[0])) if kind == "dense" else tf_mask(int(rest[0]), int(rest[1]))
+    L = mask.shape[0]
+    args = inputs(L, L)
+    flops = 3.0 * 4.0 * B * H * L * L * D * mask.density()
+    plan = _Plan(mask, L, L, D ** -0.5, pk.BlockSizes(), False, "triton")
+    runs = [("triton", jax.jit(lambda q, k, v, tq, tk, tv: kernels.forward_jvp(
+        *plan.padded(q, k, v), _pad(tq, plan.lq_pad), _pad(tk, plan.lk_pad), _pad(tv, plan.lk_pad),
+        plan.sched(plan.jvp), plan.jvp, sm_scale=D ** -0.5, interpret=False))),
+        ("mosaic", jax.jit(lambda *a: mosaic.forward_jvp(*a, mask, sm_scale=D ** -0.5)))]
+    for name, fn in runs:
+      try:
+        t = timeit(fn, *args)
+      except Exception as e:  # noqa: BLE001
+        log(f"jvp tune {case} {name}: failed {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        continue
+      tf = flops / t / 1e12
+      results.append(dict(label=f"jvp tune {case}", impl=name, mode="jvp", ms=t * 1e3, tflops=tf))
+      log(f"jvp tune {case:12s} {name:8s} {t*1e3:8.3f} ms {tf:7.1f} TFLOP/s")
+
+
 def matmul_peak(log):
   a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
   f = jax.jit(lambda a, b: a @ b)
@@ -369,6 +395,7 @@ def main():
   ap.add_argument("--tf-cases", default=",".join(f"{f}:{c}" for f, c in TF_CASES),
                   help="teacher-forcing masks to time, as frames:chunk_frames pairs")
   ap.add_argument("--mosaic-tune", action="store_true", help="time the Mosaic forward's (block_k, stages) configs")
+  ap.add_argument("--mosaic-jvp-tune", action="store_true", help="time the fused forward+JVP kernels alone")
   ap.add_argument("--mosaic-bwd-tune", action="store_true",
                   help="time the backward kernels alone: Mosaic configs beside the Triton pair")
   ap.add_argument("--check-only", default="", help="comma-separated substrings of the --check case names to run")
@@ -393,12 +420,14 @@ def main():
   if args.check:
     ok = check(log, scm=not args.skip_scm, only=[c for c in args.check_only.split(",") if c],
                jvp=not args.check_no_jvp)
-  if args.bench or args.tune or args.tune2 or args.mosaic_tune or args.mosaic_bwd_tune:
+  if args.bench or args.tune or args.tune2 or args.mosaic_tune or args.mosaic_bwd_tune or args.mosaic_jvp_tune:
     matmul_peak(log)
   if args.mosaic_tune:
     mosaic_tune(log, results)
   if args.mosaic_bwd_tune:
     mosaic_bwd_tune(log, results)
+  if args.mosaic_jvp_tune:
+    mosaic_jvp_tune(log, results)
   if args.tune:
     tune(log, results)
   if args.bench:

@@ -241,6 +241,16 @@ def run_recipe(args, geo, name: str, frames: int) -> dict:
       step_times.append(dt)
       flops.append(model_flops(recipe, mcfg, frames, tokens_per_frame(geo), geo["text_tokens"], args.batch,
                                step)["total"])
+  if args.profile:  # one more step, untimed, under the profiler: where the device time goes
+    import profile_summary   # benchmarks/ is on sys.path (this script's directory)
+    trace_dir = os.path.join(args.out, f"trace_{name}")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      state, metrics = update(state, frozen, batch, jax.random.fold_in(rng, 2 + iters))
+      jax.block_until_ready((state, metrics))
+    text = profile_summary.to_markdown(profile_summary.summarize(profile_summary.load_trace(trace_dir)), top=40)
+    print(f"# profile of one {name} step ({trace_dir}):\n{text}", flush=True)
+    with open(os.path.join(args.out, f"profile_{name}.md"), "w") as f:
+      f.write(text)
   detail = model_flops(recipe, mcfg, frames, tokens_per_frame(geo), geo["text_tokens"], args.batch, 0)
   med = float(np.median(step_times))
   mean_flops = float(np.mean(flops))
@@ -379,6 +389,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", default=".")
   ap.add_argument("--tiny", action="store_true", help="CPU-sized model and video: the same code paths in seconds")
+  ap.add_argument("--profile", action="store_true", help="after the timed steps, one more step of each recipe under "
+                  "jax.profiler, summed up by kernel in <out>/profile_<recipe>.md")
   ap.add_argument("--recipes", default=",".join(RECIPES))
   ap.add_argument("--frames", type=int, default=None, help="latent frames (default 21; --tiny: 4)")
   ap.add_argument("--min_frames", type=int, default=3, help="smallest frame count tried after an out-of-memory")

@@ -26,12 +26,12 @@ training entry point sets it.
 sequences only, or hardware without Pallas-Triton).
 
 Backend (`backend=` argument, else the `RCM_FLASH_BACKEND` environment variable, default "auto"):
-"auto" runs the forward (plain evaluation and the VJP's forward) and the backward (dq, dk/dv) through the
-Mosaic GPU kernels (`pallas_kernels/mosaic.py`) on compute capability 9.x GPUs for bf16 inputs whose mask
-they handle, and through the Triton kernels otherwise; "triton" forces Triton; "mosaic" forces Mosaic (a
-`UserError` where it cannot run); "mosaic_fwd" is the Mosaic forward with the Triton backward (the
-previous pairing, kept for comparison). The fused JVP always uses the Triton kernel. Every forward kernel
-writes the same lse2, so any backward can follow any forward.
+"auto" runs the forward (plain evaluation and the VJP's forward), the backward (dq, dk/dv) and the fused
+forward+JVP through the Mosaic GPU kernels (`pallas_kernels/mosaic.py`) on compute capability 9.x GPUs for
+bf16 inputs whose mask they handle, and through the Triton kernels otherwise; "triton" forces Triton;
+"mosaic" forces Mosaic (a `UserError` where it cannot run); "mosaic_fwd" is the Mosaic forward with the
+Triton backward and JVP (the earlier pairing, kept for comparison). Every forward kernel writes the same
+lse2, so any backward can follow any forward.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class _Plan:
     self.mask, self.sm_scale, self.interpret = mask, sm_scale, interpret
     # the kernels a call runs, resolved by `resolve_backend`: "triton", "mosaic" or "mosaic_fwd"
     self.fwd_backend = "triton" if backend == "triton" else "mosaic"
-    self.bwd_backend = "mosaic" if backend == "mosaic" else "triton"
+    self.bwd_backend = self.jvp_backend = "mosaic" if backend == "mosaic" else "triton"
     self.key = (mask, lq, lk, sm_scale, blocks, interpret, backend)
 
   def padded(self, q, k, v):
@@ -187,6 +187,8 @@ class _FlashAttention(hijax.HiPrim):
     if tq is None and tk is None and tv is None:
       o = self.expand(q, k, v)
       return o, jnp.zeros_like(o)
+    if p.jvp_backend == "mosaic":
+      return mosaic.forward_jvp(q, k, v, tq, tk, tv, p.mask, sm_scale=p.sm_scale)
     tq = None if tq is None else _pad(tq, p.lq_pad)
     tk = None if tk is None else _pad(tk, p.lk_pad)
     tv = None if tv is None else _pad(tv, p.lk_pad)
@@ -271,8 +273,8 @@ def _hopper_gpu() -> bool:
 
 def resolve_backend(backend: str | None, dtype, head_dim: int, mask: Mask, lq: int, lk: int,
                     interpret: bool) -> str:
-  """The kernels a call runs: "triton", "mosaic" (forward and backward) or "mosaic_fwd" (Mosaic forward,
-  Triton backward); see the module docstring.
+  """The kernels a call runs: "triton", "mosaic" (forward, backward and JVP) or "mosaic_fwd" (Mosaic forward,
+  Triton backward and JVP); see the module docstring.
 
   backend: "auto" / "triton" / "mosaic", or None for the `RCM_FLASH_BACKEND` environment variable
   (default "auto"). head_dim is the padded one (64 or 128).

@@ -554,3 +554,185 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
   if group > 1:
     dk, dv = (x.reshape(b, lk_m, hkv, group, d).astype(jnp.float32).sum(3).astype(q.dtype) for x in (dk, dv))
   return dq[:, :lq], dk[:, :lk], dv[:, :lk]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused forward + JVP (the online-softmax form of `kernels.forward_jvp`; math in
+# ../shared/reference/pallas_gpu.md). The forward kernel's shape, with the tangent tiles tK, tV streamed
+# beside K, V and tQ beside Q; per key tile, by wgmma:
+#   S = Q K^T and dS = tQ K^T + Q tK^T (one wait);  P~ = exp2(S scale2 - m);  l <- a l + sum P~;
+#   r <- a r + sum(P~ dS scale);  O~ <- a O~ + P~ V;  G <- a G + P~ tV + (P~ dS scale) V (one wait);
+#   O = O~ / l,  tO = G / l - (r / l) O.
+# Tangents that are symbolic zeros (None) are left out at trace time.
+# ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MosaicJvpConfig:
+  """block_k: key tile (a multiple of 64); stages: ring depth of the K, V, tK, tV tiles."""
+  block_k: int = 64
+  stages: int = 2
+
+
+def _jvp_kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, o_ref, to_ref,
+                smem, bars, free_bars, *, plgpu, pl, scale, scale2, width, block_k, stages, group, n_iv, regs,
+                has_tq, has_tk, has_tv):
+  q_smem2, tq_smem2, iv_smem2, k_ring, v_ring, tk_ring, tv_ring, *a_smem2 = smem
+  k_bars, v_bars, tk_bars, tv_bars, in_bars = bars  # in_bars [3 * COMPUTE_WGS]: q, tq, iv per consumer
+  (free,) = free_bars
+  bq = ROWS_PER_WG
+  dtype = q_ref.dtype
+  b = lax.axis_index("batch")
+  h = lax.axis_index("heads")
+  qi = lax.axis_index("q_seq")
+  wg = lax.axis_index("wg")
+  base = qi * width
+  n_p = npart_ref[qi]
+  n = n_p + nfull_ref[qi]
+  mm = dict(plgpu=plgpu, pl=pl)
+  ring_bars = [k_bars, v_bars] + ([tk_bars] if has_tk else []) + ([tv_bars] if has_tv else [])
+
+  @pl.when(wg < COMPUTE_WGS)
+  def _consumer():
+    if regs:
+      plgpu.set_max_registers(232, action="increase")
+    q0 = qi * (COMPUTE_WGS * bq) + wg * bq
+    q_smem, tq_smem = q_smem2.at[wg], tq_smem2.at[wg]
+    rows = (b, pl.ds(q0, bq), h)
+    ins = [(q_ref.at[rows], q_smem, 0), (iv_ref.at[:, pl.ds(q0, bq)], iv_smem2.at[wg], 2)]
+    ins += [(tq_ref.at[rows], tq_smem, 1)] if has_tq else []
+    for src, dst, i in ins:
+      plgpu.copy_gmem_to_smem(src, dst, in_bars.at[i * COMPUTE_WGS + wg])
+    for _, _, i in ins:
+      plgpu.barrier_wait(in_bars.at[i * COMPUTE_WGS + wg])
+    row = plgpu.Layout.WGMMA.reduce(1)
+    ivs = [(plgpu.load(iv_smem2.at[wg, r], layout=row), plgpu.load(iv_smem2.at[wg, n_iv + r], layout=row))
+           for r in range(n_iv)]
+    d = q_ref.shape[-1]
+    zeros = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA)
+    m = plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), row)
+    zrow = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row)
+    a_smem = a_smem2[0].at[wg] if a_smem2 else None
+    has_ds = has_tq or has_tk
+
+    def step(j, carry, masked):
+      acc, gacc, m, l, r = carry
+      slot = lax.rem(j, stages)
+      for bar in ring_bars:  # every barrier every step (per-barrier wait parity)
+        plgpu.barrier_wait(bar.at[slot])
+      kt = k_ring.at[slot].transpose((1, 0))
+
+      def logits(s_ref, ds_ref=None):
+        plgpu.wgmma(s_ref, q_smem, kt)
+        if has_tq:
+          plgpu.wgmma(ds_ref, tq_smem, kt)
+        if has_tk:
+          plgpu.wgmma(ds_ref, q_smem, tk_ring.at[slot].transpose((1, 0)))
+        return s_ref[...], (ds_ref[...] if has_ds else None)
+
+      acc_shape = plgpu.ACC((bq, block_k), jnp.float32)
+      s, ds = pl.run_scoped(logits, *([acc_shape] * (2 if has_ds else 1)))
+      if masked:
+        cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+        s = _keep_intervals(s, cols + tiles_ref[base + j] * block_k, ivs, -jnp.inf, per_row=True)
+      m_new = jnp.maximum(m, s.max(axis=1) * scale2)
+      alpha = jnp.exp2(m - m_new)
+      p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+      l = l * alpha + p.sum(axis=1)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      gacc = gacc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      p16 = p.astype(dtype)
+      pds16 = None
+      if has_ds:
+        pds = p * (ds * scale)
+        r = r * alpha + pds.sum(axis=1)
+        pds16 = pds.astype(dtype)
+      if regs:
+        def pv(refs):
+          acc_ref, g_ref = refs
+          plgpu.wgmma(acc_ref, p16, v_ring.at[slot])
+          if has_tv:
+            plgpu.wgmma(g_ref, p16, tv_ring.at[slot])
+          if has_ds:
+            plgpu.wgmma(g_ref, pds16, v_ring.at[slot])
+        acc, gacc = pl.run_state(pv)((plgpu.ACC.init(acc), plgpu.ACC.init(gacc)))
+      else:  # CPU interpreter: A operands through shared memory (see `_mma_into`)
+        acc = _mma_into(acc, p16, v_ring.at[slot], a_smem, regs=False, **mm)
+        if has_tv:
+          gacc = _mma_into(gacc, p16, tv_ring.at[slot], a_smem, regs=False, **mm)
+        if has_ds:
+          gacc = _mma_into(gacc, pds16, v_ring.at[slot], a_smem, regs=False, **mm)
+      plgpu.barrier_arrive(free.at[slot])
+      return acc, gacc, m_new, l, r
+
+    carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), (zeros, zeros, m, zrow, zrow))
+    acc, gacc, m, l, r = lax.fori_loop(n_p, n, functools.partial(step, masked=False), carry)
+    inv = jnp.where(l > 0.0, 1.0 / jnp.maximum(l, 1e-30), 0.0)  # l == 0: a row with nothing allowed
+    o = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+    to = gacc * lax.broadcast_in_dim(inv, acc.shape, [0]) - o * lax.broadcast_in_dim(r * inv, acc.shape, [0])
+    q_smem[...] = o.astype(dtype)  # the last wgmma reading q_smem / tq_smem has completed
+    tq_smem[...] = to.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[rows])
+    plgpu.copy_smem_to_gmem(tq_smem, to_ref.at[rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == COMPUTE_WGS)
+  def _producer():
+    if regs:
+      plgpu.set_max_registers(40, action="decrease")
+    kv_head = lax.div(h, jnp.array(group, h.dtype))
+    rows = lambda j: (b, pl.ds(tiles_ref[base + j] * block_k, block_k), kv_head)
+    streams = [(lambda j: k_ref.at[rows(j)], k_ring, k_bars, free), (lambda j: v_ref.at[rows(j)], v_ring, v_bars, None)]
+    streams += [(lambda j: tk_ref.at[rows(j)], tk_ring, tk_bars, None)] if has_tk else []
+    streams += [(lambda j: tv_ref.at[rows(j)], tv_ring, tv_bars, None)] if has_tv else []
+    _produce(plgpu, pl, n, stages, streams)
+
+
+def forward_jvp(q, k, v, tq, tk, tv, mask: Mask, *, sm_scale: float, cfg: MosaicJvpConfig = MosaicJvpConfig(),
+                interpret=None):
+  """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] and their tangents (None = symbolic zero; any Lq, Lk, zero-padded
+  here) -> (o, o_dot), both [B, Lq, H, D]. `unsupported_reason` decides which calls it takes."""
+  import jax.experimental.pallas as pl  # noqa: PLC0415
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
+
+  b, lq, h, d = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  block_q = COMPUTE_WGS * ROWS_PER_WG
+  lq_m, lk_m = _round_up(lq, block_q), _round_up(lk, max(block_q, cfg.block_k))
+  sched = tile_schedule(mask, lq_m, lk_m, block_q, cfg.block_k)
+  if sched.mode != "intervals" or sched.mask_arrays[0].shape[0] > MAX_INTERVALS:
+    raise ValueError(f"mosaic.forward_jvp: unsupported mask ({unsupported_reason(q.dtype, d, mask, lq, lk)}).")
+  starts, ends = sched.mask_arrays
+  n_iv = starts.shape[0]
+  ins = [jnp.asarray(a) for a in (sched.kv_tiles, sched.kv_partial, sched.kv_full)]
+  ins.append(jnp.asarray(np.concatenate([starts, ends], 0)))
+  qp, kp, vp = _pad_len(q, lq_m), _pad_len(k, lk_m), _pad_len(v, lk_m)
+  # absent tangents are not read (static flags); a 1-row dummy fills their argument slot
+  dummy = lambda x: jnp.zeros((1, 1, x.shape[2], d), q.dtype)
+  tqp = dummy(q) if tq is None else _pad_len(tq.astype(q.dtype), lq_m)
+  tkp = dummy(k) if tk is None else _pad_len(tk.astype(q.dtype), lk_m)
+  tvp = dummy(v) if tv is None else _pad_len(tv.astype(q.dtype), lk_m)
+  regs = interpret is None
+  bk, st = cfg.block_k, cfg.stages
+  smem_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=smem_tf)
+  ring = lambda present: tile(st, bk, d) if present else tile(1, 64, 64)  # an absent stream's ring: a stub
+  scratch = [
+      (tile(COMPUTE_WGS, ROWS_PER_WG, d), tile(COMPUTE_WGS, ROWS_PER_WG, d),
+       plgpu.SMEM((COMPUTE_WGS, 2 * n_iv, ROWS_PER_WG), jnp.int32), tile(st, bk, d), tile(st, bk, d),
+       ring(tk is not None), ring(tv is not None))
+      + (() if regs else (plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, bk), q.dtype),)),
+      (*(plgpu.Barrier(num_barriers=st),) * 4, plgpu.Barrier(num_barriers=3 * COMPUTE_WGS)),
+      (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st),),
+  ]
+  kernel = functools.partial(
+      _jvp_kernel, plgpu=plgpu, pl=pl, scale=sm_scale, scale2=sm_scale * LOG2E, width=sched.wq, block_k=bk,
+      stages=st, group=h // hkv, n_iv=n_iv, regs=regs, has_tq=tq is not None, has_tk=tk is not None,
+      has_tv=tv is not None)
+  o, to = plgpu.kernel(
+      kernel, out_type=[jax.ShapeDtypeStruct((b, lq_m, h, d), q.dtype)] * 2, scratch_types=scratch,
+      grid=(h, lq_m // block_q, b), grid_names=("heads", "q_seq", "batch"), num_threads=COMPUTE_WGS + 1,
+      thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+      **({} if interpret is None else dict(interpret=interpret)),
+  )(*ins, qp, kp, vp, tqp, tkp, tvp)
+  return o[:, :lq], to[:, :lq]

@@ -383,6 +383,21 @@ def test_mosaic_backward_lowers_for_hopper(d, heads):
   assert dq.shape == q.shape and dk.shape == dv.shape == kv.shape and dq.dtype == dk.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("present", [(True, True, True), (False, True, False)])
+def test_mosaic_forward_jvp_lowers_for_hopper(present):
+  mask = video.teacher_forcing(5, 100, first_chunk_frames=1, chunk_frames=1)
+  q = jax.ShapeDtypeStruct((1, mask.shape[0], 4, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, mask.shape[0], 2, 128), jnp.bfloat16)
+
+  def fn(q, k, v, tq, tk, tv):
+    tq, tk, tv = (t if keep else None for t, keep in zip((tq, tk, tv), present))
+    return mosaic.forward_jvp(q, k, v, tq, tk, tv, mask, sm_scale=128 ** -0.5)
+
+  assert "mosaic_gpu" in jax.jit(fn).trace(q, kv, kv, q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  o, to = jax.eval_shape(fn, q, kv, kv, q, kv, kv)
+  assert o.shape == to.shape == q.shape and o.dtype == to.dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("d,heads", [(128, (4, 2)), (64, (2, 2))])
 def test_mosaic_forward_lowers_for_hopper(d, heads):
   mask = video.teacher_forcing(5, 100, first_chunk_frames=1, chunk_frames=1)
@@ -439,11 +454,34 @@ def test_mosaic_backward_in_gpu_interpreter():
   q, k, v = _inputs(rng, 1, lq, lk, 4, 2, 64, jnp.bfloat16)
   do = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
   interp = plgpu.InterpretGPUParams()
-  o, lse = mosaic.forward(q, k, v, mask, sm_scale=0.125, interpret=interp)
-  grads = mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=0.125, interpret=interp)
-  ref, run = _ref64(mask, sm_scale=0.125)
+  # a sharp softmax (scale 0.3 > 64 ** -0.5): o is close to one value row, so delta = rowsum(dO * o) is as
+  # large as dP and an error in its term shows in the gradients
+  o, lse = mosaic.forward(q, k, v, mask, sm_scale=0.3, interpret=interp)
+  grads = mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=0.3, interpret=interp)
+  ref, run = _ref64(mask, sm_scale=0.3)
   want = run(lambda q, k, v, do: jax.vjp(ref, q, k, v)[1](do), q, k, v, do)
   for name, got, w in zip(("dq", "dk", "dv"), grads, want):
     assert got.shape == w.shape and got.dtype == jnp.bfloat16, name
     assert _rel(got, w) < TOL[jnp.bfloat16], name
   assert np.all(np.asarray(grads[0])[:, :e] == 0)  # rows with nothing allowed get no gradient
+
+
+@pytest.mark.parametrize("present", [(True, True, True), (False, True, False), (True, False, True)])
+def test_mosaic_forward_jvp_in_gpu_interpreter(present):
+  """The fused forward+JVP kernel in jax's Mosaic GPU interpreter, with some tangents symbolic zeros (None):
+  grouped heads, ragged lengths, rows with no allowed key, several intervals per row, slot reuse."""
+  plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  if not hasattr(plgpu, "InterpretGPUParams"):
+    pytest.skip("this jax has no Mosaic GPU interpreter")
+  rng = np.random.default_rng()
+  lq, lk = int(rng.integers(130, 260)), int(rng.integers(200, 330))
+  e = int(rng.integers(5, 30))
+  mask = Mask.from_ranges(lq, lk, [(e, lq, 0, 70), (e, lq // 2, 90, 180), (lq // 2, lq, 150, lk)])
+  q, k, v, tq, tk, tv = _inputs(rng, 1, lq, lk, 4, 2, 64, jnp.bfloat16, n=2)
+  tans = [t if keep else None for t, keep in zip((tq, tk, tv), present)]
+  o, to = mosaic.forward_jvp(q, k, v, *tans, mask, sm_scale=0.125, interpret=plgpu.InterpretGPUParams())
+  ref, run = _ref64(mask, sm_scale=0.125)
+  zeros = [t if t is not None else jnp.zeros_like(x) for t, x in zip(tans, (q, k, v))]
+  want_o, want_t = run(lambda *a: jax.jvp(ref, a[:3], a[3:]), q, k, v, *zeros)
+  assert _rel(o, want_o) < TOL[jnp.bfloat16] and _rel(to, want_t) < TOL[jnp.bfloat16]
+  assert np.all(np.asarray(o)[:, :e] == 0) and np.all(np.asarray(to)[:, :e] == 0)
