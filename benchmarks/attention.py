@@ -277,8 +277,8 @@ def mosaic_bwd_tune(log, results, cases=("dense:16384",)):
   default pair. Rates count the backward as 2.5x the forward FLOPs, masked work by density."""
   from pallas_kernels import kernels, mosaic  # noqa: PLC0415
   from pallas_kernels.attention import _pad, _Plan  # noqa: PLC0415
-  cfgs = (mosaic.MosaicBwdConfig(), mosaic.MosaicBwdConfig(one_wait=False), mosaic.MosaicBwdConfig(dq_block_k=128),
-          mosaic.MosaicBwdConfig(dq_stages=3, dkdv_stages=3))
+  cfgs = (mosaic.MosaicBwdConfig(), mosaic.MosaicBwdConfig(one_wait=False),
+          mosaic.MosaicBwdConfig(dq_block_k=128), mosaic.MosaicBwdConfig(dq_stages=3, dkdv_stages=3))
   for case in cases:
     kind, *rest = case.split(":")
     if kind == "dense":
@@ -333,6 +333,29 @@ def mosaic_jvp_tune(log, results, cases=("dense:16384", "tf:21:1")):
       tf = flops / t / 1e12
       results.append(dict(label=f"jvp tune {case}", impl=name, mode="jvp", ms=t * 1e3, tflops=tf))
       log(f"jvp tune {case:12s} {name:8s} {t*1e3:8.3f} ms {tf:7.1f} TFLOP/s")
+
+
+def mosaic_order_ab(log, results, cases=("tf:5:1", "tf:6:3", "tf:21:3", "dense:16384")):
+  """The Mosaic kernels (fwd, fwd+bwd, fwd+JVP) with tiles handed out in index order and heaviest first
+  (`mosaic.HEAVIEST_FIRST`), one after the other in the same process."""
+  from pallas_kernels import mosaic  # noqa: PLC0415
+  for case in cases:
+    kind, *rest = case.split(":")
+    mask = None if kind == "dense" else tf_mask(int(rest[0]), int(rest[1]))
+    L = int(rest[0]) if kind == "dense" else mask.shape[0]
+    q, k, v, tq, tk, tv = inputs(L, L)
+    base = 4.0 * B * H * L * L * D * (1.0 if mask is None else mask.density())
+    for heaviest in (False, True):
+      mosaic.HEAVIEST_FIRST = heaviest  # read at trace time: fresh jitted closures below
+      fwd, fb, jv = attn_fns("pallas", mask)
+      for mode, fn, args, mult in (("fwd", fwd, (q, k, v), 1.0), ("fb", fb, (q, k, v), 3.5),
+                                   ("jvp", jv, (q, k, v, tq, tk, tv), 3.0)):
+        t = timeit(fn, *args)
+        results.append(dict(label=f"order {case}", heaviest_first=heaviest, mode=mode, ms=t * 1e3,
+                            tflops=base * mult / t / 1e12))
+        log(f"order {case:12s} heaviest_first={heaviest!s:5s} {mode:4s} {t*1e3:9.3f} ms "
+            f"{base * mult / t / 1e12:7.1f} TFLOP/s")
+  mosaic.HEAVIEST_FIRST = True
 
 
 def matmul_peak(log):
@@ -396,6 +419,8 @@ def main():
                   help="teacher-forcing masks to time, as frames:chunk_frames pairs")
   ap.add_argument("--mosaic-tune", action="store_true", help="time the Mosaic forward's (block_k, stages) configs")
   ap.add_argument("--mosaic-jvp-tune", action="store_true", help="time the fused forward+JVP kernels alone")
+  ap.add_argument("--mosaic-order", action="store_true",
+                  help="time the Mosaic kernels with tiles in index order and heaviest first")
   ap.add_argument("--mosaic-bwd-tune", action="store_true",
                   help="time the backward kernels alone: Mosaic configs beside the Triton pair")
   ap.add_argument("--check-only", default="", help="comma-separated substrings of the --check case names to run")
@@ -420,7 +445,8 @@ def main():
   if args.check:
     ok = check(log, scm=not args.skip_scm, only=[c for c in args.check_only.split(",") if c],
                jvp=not args.check_no_jvp)
-  if args.bench or args.tune or args.tune2 or args.mosaic_tune or args.mosaic_bwd_tune or args.mosaic_jvp_tune:
+  if (args.bench or args.tune or args.tune2 or args.mosaic_tune or args.mosaic_bwd_tune or args.mosaic_jvp_tune
+      or args.mosaic_order):
     matmul_peak(log)
   if args.mosaic_tune:
     mosaic_tune(log, results)
@@ -428,6 +454,8 @@ def main():
     mosaic_bwd_tune(log, results)
   if args.mosaic_jvp_tune:
     mosaic_jvp_tune(log, results)
+  if args.mosaic_order:
+    mosaic_order_ab(log, results)
   if args.tune:
     tune(log, results)
   if args.bench:

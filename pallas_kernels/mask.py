@@ -147,6 +147,8 @@ class TileSchedule:
   Attributes (numpy int32):
     kv_tiles [nq * wq]: key-tile indices for query tile i at [i*wq, i*wq + kv_partial[i] + kv_full[i]).
     kv_partial, kv_full [nq]. q_tiles [nk * wk], q_partial, q_full [nk]: the transposed lists.
+    kv_order [nq], q_order [nk]: the tiles by decreasing work (stable), the order in which a kernel that
+      launches one program per tile hands them out, so the longest start first and the last wave is short.
     starts, ends [R, Lq_pad]: allowed key intervals per row (intervals mode), or dense [Lq_pad, Lk_pad]
       int8 (dense mode). Padded rows allow nothing; padded keys are never allowed.
     tile_state [nq, nk]: EMPTY / PARTIAL / FULL (small: one byte per tile).
@@ -189,6 +191,8 @@ class TileSchedule:
     self.q_tiles, self.q_partial, self.q_full = _work_lists(state.T)
     self.wq = len(self.kv_tiles) // nq
     self.wk = len(self.q_tiles) // nk
+    self.kv_order = _heaviest_first(self.kv_partial + self.kv_full)
+    self.q_order = _heaviest_first(self.q_partial + self.q_full)
 
     if self.mode == "intervals":
       starts = np.zeros((r_max, lq_pad), np.int32)
@@ -217,6 +221,10 @@ def _work_lists(state: np.ndarray):
   order_key = np.where(state == PARTIAL, 0, np.where(state == FULL, 1, 2))
   order = np.argsort(order_key, axis=1, kind="stable")[:, :w].astype(np.int32)
   return np.ascontiguousarray(order.reshape(n * w)), n_partial, n_full
+
+
+def _heaviest_first(work: np.ndarray) -> np.ndarray:
+  return np.argsort(-work, kind="stable").astype(np.int32)
 
 
 _SCHEDULES: dict = {}

@@ -40,6 +40,7 @@ from pallas_kernels.kernels import BIG, LOG2E, MASK_VALUE  # the Triton kernels'
 from pallas_kernels.mask import Mask, TileSchedule, tile_schedule
 
 MAX_INTERVALS = 4  # per-row key intervals held in registers (video masks need <= 3)
+HEAVIEST_FIRST = True  # hand out tiles by decreasing work (`TileSchedule.kv_order`); False: in index order
 ROWS_PER_WG = 64  # one wgmma M tile per consumer warpgroup
 COMPUTE_WGS = 2
 
@@ -78,6 +79,10 @@ def _schedule(mask: Mask, lq: int, lk: int, cfg: MosaicConfig) -> TileSchedule:
   return tile_schedule(mask, _round_up(lq, cfg.block_q), _round_up(lk, cfg.block_k), cfg.block_q, cfg.block_k)
 
 
+def _order(heaviest_first):
+  return heaviest_first if HEAVIEST_FIRST else np.arange(len(heaviest_first), dtype=np.int32)
+
+
 def _pad_len(x, length):
   return x if x.shape[1] == length else jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
@@ -113,7 +118,7 @@ def _produce(plgpu, pl, n, stages, streams):
   lax.fori_loop(0, n, issue, None)
 
 
-def _kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
             smem, bars, free_bars, sched_bar, *, plgpu, pl, scale2, width, block_k, stages, group, n_iv,
             regs=True):
   """One CTA: 2 consumer warpgroups x 64 query rows, 1 producer warpgroup (see module docstring).
@@ -128,7 +133,7 @@ def _kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, o_ref,
   dtype = q_ref.dtype
   b = lax.axis_index("batch")
   h = lax.axis_index("heads")
-  qi = lax.axis_index("q_seq")
+  qi = order_ref[lax.axis_index("q_seq")]  # heaviest query tiles first
   wg = lax.axis_index("wg")
   base = qi * width
   n_p = npart_ref[qi]
@@ -247,7 +252,8 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
   starts, ends = sched.mask_arrays
   n_iv = starts.shape[0]
   iv = jnp.asarray(np.concatenate([starts, ends], 0))  # [2R, Lq_m] int32: starts, then ends
-  tiles, npart, nfull = (jnp.asarray(a) for a in (sched.kv_tiles, sched.kv_partial, sched.kv_full))
+  order, tiles, npart, nfull = (jnp.asarray(a) for a in (_order(sched.kv_order), sched.kv_tiles, sched.kv_partial,
+                                                         sched.kv_full))
   stages = cfg.stages
   smem_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   scratch = [
@@ -275,7 +281,7 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **({} if interpret is None else dict(interpret=interpret)),
-  )(tiles, npart, nfull, iv, qp, kp, vp)
+  )(order, tiles, npart, nfull, iv, qp, kp, vp)
   return o[:, :lq], lse[:, :, :lq]
 
 
@@ -319,8 +325,8 @@ def _mma(a_smem, b_smem, shape, *, plgpu, pl):
   return pl.run_scoped(lambda r: (plgpu.wgmma(r, a_smem, b_smem), r[...])[1], plgpu.ACC(shape, jnp.float32))
 
 
-def _dq_kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               smem, bars, free_bars, *, plgpu, pl, scale, scale2, width, block_k, stages, group, n_iv, regs):
+def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, smem, bars, free_bars, *, plgpu, pl, scale, scale2, width, block_k, stages, group, n_iv, regs):
   q_smem2, do_smem2, lse_smem2, delta_smem2, iv_smem2, k_smem, v_smem, *ds_smem2 = smem
   k_bars, v_bars, in_bars = bars  # in_bars [5 * COMPUTE_WGS]: q, do, lse, delta, iv per consumer
   k_free, v_free = free_bars
@@ -328,7 +334,7 @@ def _dq_kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_
   dtype = q_ref.dtype
   b = lax.axis_index("batch")
   h = lax.axis_index("heads")
-  qi = lax.axis_index("q_seq")
+  qi = order_ref[lax.axis_index("q_seq")]  # heaviest query tiles first
   wg = lax.axis_index("wg")
   base = qi * width
   n_p = npart_ref[qi]
@@ -394,7 +400,7 @@ def _dq_kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_
                                     (lambda j: v_ref.at[rows(j)], v_smem, v_bars, v_free)])
 
 
-def _dkdv_kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                  dk_ref, dv_ref, smem, bars, free_bars, *, plgpu, pl, scale, scale2, width, block_q, stages,
                  group, n_iv, regs, one_wait):
   k_smem2, v_smem2, q_ring, do_ring, lse_ring, delta_ring, iv_ring, *a_smem2 = smem
@@ -404,7 +410,7 @@ def _dkdv_kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, d
   dtype = q_ref.dtype
   b = lax.axis_index("batch")
   h = lax.axis_index("heads")
-  ki = lax.axis_index("k_seq")
+  ki = order_ref[lax.axis_index("k_seq")]  # heaviest key tiles first
   wg = lax.axis_index("wg")
   base = ki * width
   n_p = npart_ref[ki]
@@ -514,8 +520,8 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
 
   def sched_inputs(sched, rowmajor):
     starts, ends = sched.mask_arrays
-    lists = (sched.kv_tiles, sched.kv_partial, sched.kv_full) if rowmajor else \
-        (sched.q_tiles, sched.q_partial, sched.q_full)
+    lists = (_order(sched.kv_order), sched.kv_tiles, sched.kv_partial, sched.kv_full) if rowmajor else \
+        (_order(sched.q_order), sched.q_tiles, sched.q_partial, sched.q_full)
     return [jnp.asarray(a) for a in lists] + [jnp.asarray(np.concatenate([starts, ends], 0))], starts.shape[0]
 
   # dq
@@ -573,8 +579,8 @@ class MosaicJvpConfig:
   stages: int = 2
 
 
-def _jvp_kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, o_ref, to_ref,
-                smem, bars, free_bars, *, plgpu, pl, scale, scale2, width, block_k, stages, group, n_iv, regs,
+def _jvp_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref,
+                o_ref, to_ref, smem, bars, free_bars, *, plgpu, pl, scale, scale2, width, block_k, stages, group, n_iv, regs,
                 has_tq, has_tk, has_tv):
   q_smem2, tq_smem2, iv_smem2, k_ring, v_ring, tk_ring, tv_ring, *a_smem2 = smem
   k_bars, v_bars, tk_bars, tv_bars, in_bars = bars  # in_bars [3 * COMPUTE_WGS]: q, tq, iv per consumer
@@ -583,7 +589,7 @@ def _jvp_kernel(tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, tq
   dtype = q_ref.dtype
   b = lax.axis_index("batch")
   h = lax.axis_index("heads")
-  qi = lax.axis_index("q_seq")
+  qi = order_ref[lax.axis_index("q_seq")]  # heaviest query tiles first
   wg = lax.axis_index("wg")
   base = qi * width
   n_p = npart_ref[qi]
@@ -704,7 +710,7 @@ def forward_jvp(q, k, v, tq, tk, tv, mask: Mask, *, sm_scale: float, cfg: Mosaic
     raise ValueError(f"mosaic.forward_jvp: unsupported mask ({unsupported_reason(q.dtype, d, mask, lq, lk)}).")
   starts, ends = sched.mask_arrays
   n_iv = starts.shape[0]
-  ins = [jnp.asarray(a) for a in (sched.kv_tiles, sched.kv_partial, sched.kv_full)]
+  ins = [jnp.asarray(a) for a in (_order(sched.kv_order), sched.kv_tiles, sched.kv_partial, sched.kv_full)]
   ins.append(jnp.asarray(np.concatenate([starts, ends], 0)))
   qp, kp, vp = _pad_len(q, lq_m), _pad_len(k, lk_m), _pad_len(v, lk_m)
   # absent tangents are not read (static flags); a 1-row dummy fills their argument slot

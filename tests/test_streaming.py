@@ -71,6 +71,30 @@ def test_chunkwise_euler_cfg_pre_rope_kv_equals_no_kv():
   np.testing.assert_allclose(kv, ref, atol=3e-5, rtol=1e-5)
 
 
+def test_lookahead_dispatches_the_next_chunk_first_and_changes_no_frame():
+  """lookahead (on for arrays) dispatches chunk i+1 before yielding chunk i; live (callable) inputs turn it off, so
+  they are read one chunk after the last one shown; the frames are the same either way."""
+  pattern = BlockPattern(1, 2, local_blocks=2, sink_blocks=1)
+  seed = int(np.random.default_rng().integers(1000))
+  on, _, plan, (model, params, noise, cond, null, schedules) = _stream(pattern, 5, seed=seed)
+  off, _, _, _ = _stream(pattern, 5, seed=seed, lookahead=False)
+  np.testing.assert_array_equal(on, off)
+  for lookahead, read_first in ((None, [0]), (True, [0, 1])):
+    reads = []
+
+    def live_noise(i, f0, f1):
+      reads.append(i)
+      return noise[:, f0:f1]
+
+    gen = rollout.stream(model, params, live_noise, cond, null, plan=plan, schedules=schedules,
+                         rng=jax.random.key(seed + 9), lookahead=lookahead)
+    first = next(gen)
+    assert first.index == 0 and reads == read_first
+    rest = list(gen)
+    assert reads == list(range(len(plan.blocks)))
+    np.testing.assert_array_equal(np.concatenate([np.asarray(c.video) for c in [first] + rest], 1), on)
+
+
 def test_one_compile_per_chunk_shape():
   """Frame-wise, 1-block window + 1 sink, 8 chunks: the first chunk, the filling one, the steady state
   and the unwritten last chunk compile; the steady-state chunks reuse one executable."""

@@ -524,7 +524,7 @@ def check_stream_conditions(model, cond_block: dict, key: str):
 
 def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules, solver="consistency",
            cfg_scale=1.0, noisy_context=False, cache_keys="post_rope", kv_cache=True, kv_cache_dtype="float32",
-           rng=None, actions_key="sample.actions"):
+           rng=None, actions_key="sample.actions", lookahead=None):
   """Generator of `StreamChunk`s, each yielded as soon as its frames are ready.
 
   noise: [B, T, H, W, C] (T = plan.num_frames) or a callable (i, f0, f1) -> the block's noise [B, n, H, W, C].
@@ -533,6 +533,10 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
   (unused at cfg_scale 1).
   kv_cache=False: recompute the context each chunk (same frames). kv_cache_dtype: float32 | bfloat16 | int8.
   Chunk i's rng is fold_in(rng, i), as in `rollout_chunks`.
+  lookahead: dispatch chunk i+1 before waiting for chunk i, so the device never waits for the host between
+  chunks (their input slicing and the jitted call's dispatch, ~10 ms a chunk at Wan scale). None: on unless
+  noise, cond or null is a callable (live inputs are then read one chunk after the last one shown, not two).
+  A chunk's `seconds` runs from its dispatch or from the previous chunk's arrival, whichever is later.
   """
   import time
 
@@ -544,13 +548,18 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
   if plan.num_frames > max_len:
     raise StreamError(f"{plan.num_frames} frames exceed the model's RoPE table (rope_max_seq_len={max_len}); "
                       "generate fewer frames (sample.num_frames / play.max_frames).")
+  if lookahead is None:
+    lookahead = not any(callable(x) for x in (noise, cond, null))
   rng = jax.random.key(0) if rng is None else rng
   pattern = dict(first_chunk_frames=plan.blocks[0][1],
                  chunk_frames=max([f1 - f0 for f0, f1 in plan.blocks[1:]] or [1]),
                  local_blocks=plan.local_blocks, sink_blocks=plan.sink_blocks)
   chunk_fn = _stream_chunk_fn() if kv_cache else _recompute_chunk
-  cache, hist = None, None
-  for i, (f0, f1) in enumerate(plan.blocks):
+  state = dict(cache=None, hist=None)
+
+  def dispatch(i, f0, f1):
+    """Chunk i's inputs and its (asynchronous) jitted call: (i, f0, f1, x0 not yet ready, start, compiled)."""
+    start = time.perf_counter()
     x_i = jnp.asarray(_block_inputs(noise, "noise", i, f0, f1), jnp.float32)
     c_i = jax.tree.map(jnp.asarray, _block_inputs(cond, "cond", i, f0, f1))
     n_i = c_i if null is None else jax.tree.map(jnp.asarray, _block_inputs(null, "null", i, f0, f1))
@@ -558,15 +567,15 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
     tpf = _tpf(model, x_i)
     r_i = jax.random.fold_in(rng, i)
     size = chunk_fn._cache_size()
-    start = time.perf_counter()
     if kv_cache:
-      if cache is None:
-        cache = init_cache(model, plan, x_i.shape[0] * (1 if cfg_scale == 1.0 else 2), tpf, kv_cache_dtype)
+      if state["cache"] is None:
+        state["cache"] = init_cache(model, plan, x_i.shape[0] * (1 if cfg_scale == 1.0 else 2), tpf, kv_cache_dtype)
       pos = jax.tree.map(jnp.asarray, chunk_positions(plan, i, tpf))
-      x0, cache = chunk_fn(model, params, cache, x_i, c_i, n_i, pos, r_i, geom=chunk_geometry(plan, i, tpf),
-                           times=schedules[i], solver=solver, cfg_scale=cfg_scale, noisy_context=noisy_context,
-                           cache_keys=cache_keys)
+      x0, state["cache"] = chunk_fn(model, params, state["cache"], x_i, c_i, n_i, pos, r_i,
+                                    geom=chunk_geometry(plan, i, tpf), times=schedules[i], solver=solver,
+                                    cfg_scale=cfg_scale, noisy_context=noisy_context, cache_keys=cache_keys)
     else:
+      hist = state["hist"]
       if hist is None:
         b = x_i.shape[0]
         hist = dict(x=jnp.zeros((b, 0) + x_i.shape[2:], jnp.float32), t=jnp.zeros((b, 0), jnp.float32),
@@ -576,11 +585,28 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
       x0, x_exit = chunk_fn(model, params, hist["x"], hist["t"], x_i, c_all, n_all, r_i, mask=mask,
                             times=schedules[i], solver=solver, cfg_scale=cfg_scale, noisy_context=noisy_context)
       ctx, t_ctx = (x_exit, schedules[i][-2]) if noisy_context else (x0, 0.0)
-      hist = dict(x=jnp.concatenate([hist["x"], ctx], axis=1),
-                  t=jnp.concatenate([hist["t"], jnp.full(ctx.shape[:2], t_ctx, jnp.float32)], axis=1),
-                  cond=c_all, null=n_all)
+      state["hist"] = dict(x=jnp.concatenate([hist["x"], ctx], axis=1),
+                           t=jnp.concatenate([hist["t"], jnp.full(ctx.shape[:2], t_ctx, jnp.float32)], axis=1),
+                           cond=c_all, null=n_all)
+    return i, f0, f1, x0, start, chunk_fn._cache_size() > size
+
+  last = time.perf_counter()
+
+  def finish(job):
+    nonlocal last
+    i, f0, f1, x0, start, compiled = job
     x0 = jax.block_until_ready(x0)
-    yield StreamChunk(i, f0, f1, x0, time.perf_counter() - start, chunk_fn._cache_size() > size)
+    now = time.perf_counter()
+    seconds, last = now - max(start, last), now
+    return StreamChunk(i, f0, f1, x0, seconds, compiled)
+
+  pending = []
+  for i, (f0, f1) in enumerate(plan.blocks):
+    pending.append(dispatch(i, f0, f1))
+    if len(pending) > int(lookahead):
+      yield finish(pending.pop(0))
+  while pending:
+    yield finish(pending.pop(0))
 
 
 def _append_frames(hist: dict, block: dict) -> dict:
