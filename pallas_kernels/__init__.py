@@ -6,9 +6,9 @@ selects the XLA reference instead. `Mask`: static masks (dense or union of recta
 XLA ground truth. Files: mask.py (Mask, tile schedules), kernels.py (Pallas kernels), attention.py (op).
 """
 from pallas_kernels import reference
-from pallas_kernels.attention import KEY_MULTIPLE, RESIDUAL_NAMES, SUPPORTED_HEAD_DIMS, flash_attention
+from pallas_kernels.attention import RESIDUAL_NAMES, SUPPORTED_HEAD_DIMS, flash_attention
 from pallas_kernels.kernels import BlockSizes, KernelConfig
 from pallas_kernels.mask import Mask
 
-__all__ = ["BlockSizes", "KEY_MULTIPLE", "KernelConfig", "Mask", "RESIDUAL_NAMES", "SUPPORTED_HEAD_DIMS", "flash_attention",
+__all__ = ["BlockSizes", "KernelConfig", "Mask", "RESIDUAL_NAMES", "SUPPORTED_HEAD_DIMS", "flash_attention",
            "reference"]

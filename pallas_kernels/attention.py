@@ -53,10 +53,6 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float32)  # the two checked on the H100 (f
 IMPLEMENTATIONS = ("pallas", "xla")
 BACKENDS = ("auto", "triton", "mosaic", "mosaic_fwd")
 BACKEND_ENV = "RCM_FLASH_BACKEND"
-# k/v lengths that are a multiple of this need no padding copy in the kernels' wrappers (the Mosaic forward's key
-# tile, and the Triton kernels' largest). Callers that build k/v by concatenation (the KV-cache chunk) append the
-# padding there, where it costs no extra copy, and extend the mask with `Mask.with_keys`.
-KEY_MULTIPLE = 128
 # Names a `jax.checkpoint` policy saves to keep the forward kernel's output and logsumexp (`_FlashAttention.remat`).
 RESIDUAL_NAMES = ("flash_out", "flash_lse")
 

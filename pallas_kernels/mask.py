@@ -56,16 +56,6 @@ class Mask:
   def full(cls, lq: int, lk: int) -> "Mask":
     return cls.from_ranges(lq, lk, [(0, lq, 0, lk)])
 
-  def with_keys(self, lk: int) -> "Mask":
-    """The same mask over lk >= Lk keys; the added keys are allowed to no query (callers append padding)."""
-    if lk < self.shape[1]:
-      raise ValueError(f"Mask.with_keys: {lk} keys < the mask's {self.shape[1]}.")
-    if lk == self.shape[1]:
-      return self
-    if self._dense is not None:
-      return Mask.from_dense(np.pad(self._dense, ((0, 0), (0, lk - self.shape[1]))))
-    return Mask((self.shape[0], lk), ranges=self.ranges)
-
   def to_dense(self) -> np.ndarray:
     if self._dense is not None:
       return self._dense

@@ -94,15 +94,3 @@ def test_wan_teacher_forcing_schedule_is_cheap(monkeypatch):
   assert 0.2 < sched.computed_fraction() < 0.35
   assert sched.mask_arrays[0].shape == (2, sched.mask_arrays[0].shape[1])
   assert 0.2 < mask.density() < 0.3
-
-
-def test_with_keys_appends_keys_no_query_may_see():
-  rng = np.random.default_rng()
-  dense = rng.random((7, 9)) < 0.5
-  for mask in (Mask.from_dense(dense), Mask.from_ranges(7, 9, [(0, 4, 2, 9), (3, 7, 0, 5)])):
-    wide = mask.with_keys(20)
-    assert wide.shape == (7, 20) and mask.with_keys(9) is mask
-    np.testing.assert_array_equal(wide.to_dense()[:, :9], mask.to_dense())
-    assert not wide.to_dense()[:, 9:].any()
-  with pytest.raises(ValueError, match="keys"):
-    Mask.full(3, 5).with_keys(4)

@@ -95,18 +95,6 @@ def test_lookahead_dispatches_the_next_chunk_first_and_changes_no_frame():
     np.testing.assert_array_equal(np.concatenate([np.asarray(c.video) for c in [first] + rest], 1), on)
 
 
-def test_pallas_cached_chunks_pad_keys_in_the_concatenation():
-  """attention_impl="pallas": the cached self-attention appends masked zero keys up to a multiple of
-  KEY_MULTIPLE inside its concatenation (no padding copy in the kernel wrapper); the frames equal the xla ones."""
-  pattern = BlockPattern(1, 1, local_blocks=2, sink_blocks=1)
-  seed = int(np.random.default_rng().integers(1000))
-  ref, _, plan, (_, params, noise, cond, null, schedules) = _stream(pattern, 3, seed=seed)
-  model = WanModel(CFG.replace(attention_impl="pallas"))
-  chunks = list(rollout.stream(model, params, noise, cond, null, plan=plan, schedules=schedules,
-                               rng=jax.random.key(seed + 9)))
-  np.testing.assert_allclose(np.concatenate([np.asarray(c.video) for c in chunks], 1), ref, atol=1e-4, rtol=1e-4)
-
-
 def test_one_compile_per_chunk_shape():
   """Frame-wise, 1-block window + 1 sink, 8 chunks: the first chunk, the filling one, the steady state
   and the unwritten last chunk compile; the steady-state chunks reuse one executable."""

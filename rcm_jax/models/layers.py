@@ -169,16 +169,8 @@ class WanAttention(nn.Module):
     k_raw, v = self.project_kv(x)
     k = apply_rope(k_raw, cos, sin)
     keys_cache = cache_k if cache_cos is None else apply_rope(cache_k, cache_cos, cache_sin)
-    pad = []
-    if self.config.attention_impl == "pallas":  # keys padded here, in the concatenation, not by another copy
-      from pallas_kernels import KEY_MULTIPLE  # noqa: PLC0415
-      lk = cache_k.shape[1] + k.shape[1]
-      extra = -lk % KEY_MULTIPLE
-      if extra:
-        mask = (Mask.full(x.shape[1], lk) if mask is None else mask).with_keys(lk + extra)
-        pad = [jnp.zeros((k.shape[0], extra) + k.shape[2:], k.dtype)]
-    out = self.attend(q, jnp.concatenate([keys_cache.astype(k.dtype), k, *pad], axis=1),
-                      jnp.concatenate([cache_v.astype(v.dtype), v, *pad], axis=1), mask)
+    out = self.attend(q, jnp.concatenate([keys_cache.astype(k.dtype), k], axis=1),
+                      jnp.concatenate([cache_v.astype(v.dtype), v], axis=1), mask)
     if write_at is None:
       return out, (cache_k, cache_v)
     stored = k if cache_cos is None else k_raw
