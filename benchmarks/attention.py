@@ -272,7 +272,7 @@ def mosaic_tune(log, results, L=16384):
     log(f"mosaic tune L={L} block_k={bk:3d} stages={stages}: {t*1e3:8.3f} ms {tf:7.1f} TFLOP/s")
 
 
-def mosaic_bwd_tune(log, results, cases=("dense:16384",)):
+def mosaic_bwd_tune(log, results, cases=("dense:16384", "tf:21:3")):
   """The backward kernels alone (dq + dk/dv, given o, lse2 and dO): Mosaic for a few configs beside Triton's
   default pair. Rates count the backward as 2.5x the forward FLOPs, masked work by density."""
   from pallas_kernels import kernels, mosaic  # noqa: PLC0415

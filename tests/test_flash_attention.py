@@ -442,15 +442,17 @@ def test_mosaic_forward_in_gpu_interpreter():
 
 def test_mosaic_backward_in_gpu_interpreter():
   """dq and dk/dv kernels in jax's Mosaic GPU interpreter: grouped heads, ragged lengths, rows with no
-  allowed key, several intervals per row, more tiles than ring slots; against float64 gradients."""
+  allowed key (a whole query tile of them), keys no row may see (a whole key tile), several intervals per
+  row, more tiles than ring slots; against float64 gradients."""
   plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
   if not hasattr(plgpu, "InterpretGPUParams"):
     pytest.skip("this jax has no Mosaic GPU interpreter")
   rng = np.random.default_rng()
-  lq, lk = int(rng.integers(150, 260)), int(rng.integers(260, 330))
-  e = int(rng.integers(5, 30))  # rows [0, e) allow nothing
+  lq, lk = int(rng.integers(290, 360)), int(rng.integers(400, 450))
+  e = int(rng.integers(130, 150))  # rows [0, e) allow nothing: query tile 0 has no key tile
+  # keys [256, 384) (key tile 2) allowed to no row
   mask = Mask.from_ranges(lq, lk, [(e, lq, 0, int(rng.integers(40, 90))), (e, lq // 2, 100, 190),
-                                   (lq // 2, lq, 150, lk)])
+                                   (lq // 2, lq, 150, 250), (lq // 2, lq, 390, lk)])
   q, k, v = _inputs(rng, 1, lq, lk, 4, 2, 64, jnp.bfloat16)
   do = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
   interp = plgpu.InterpretGPUParams()
@@ -464,6 +466,7 @@ def test_mosaic_backward_in_gpu_interpreter():
     assert got.shape == w.shape and got.dtype == jnp.bfloat16, name
     assert _rel(got, w) < TOL[jnp.bfloat16], name
   assert np.all(np.asarray(grads[0])[:, :e] == 0)  # rows with nothing allowed get no gradient
+  assert np.all(np.asarray(grads[1])[:, 256:384] == 0) and np.all(np.asarray(grads[2])[:, 256:384] == 0)
 
 
 @pytest.mark.parametrize("present", [(True, True, True), (False, True, False), (True, False, True)])
