@@ -299,7 +299,8 @@ def test_benchmark_compile_only_matches_the_allocated_compile():
   ts = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(ts)
   args = argparse.Namespace(tiny=True, layers=None, latent_hw=None, mesh=ts.parse_mesh([]), remat="none",
-                            chunk=(2, 2), batch=1, critic_steps=1, no_replay=False, iters=1, peak_tflops=1.0)
+                            chunk=(2, 2), batch=1, critic_steps=1, no_replay=False, iters=1, peak_tflops=1.0,
+                            profile=False)
   geo = ts.shapes(args)
   rows = {}
   for compile_only in (True, False):
