@@ -272,6 +272,25 @@ def mosaic_tune(log, results, L=16384):
     log(f"mosaic tune L={L} block_k={bk:3d} stages={stages}: {t*1e3:8.3f} ms {tf:7.1f} TFLOP/s")
 
 
+def _case_mask(case: str) -> Mask:
+  """"dense:L" or "tf:FRAMES:CHUNK" (a teacher-forcing mask) -> the Mask."""
+  kind, *rest = case.split(":")
+  return Mask.full(int(rest[0]), int(rest[0])) if kind == "dense" else tf_mask(int(rest[0]), int(rest[1]))
+
+
+def _time_runs(log, results, label, mode, runs, args, flops):
+  """Time each (name, jitted fn) of `runs` on `args`; log and record its rate at `flops` per call."""
+  for name, fn in runs:
+    try:
+      t = timeit(fn, *args)
+    except Exception as e:  # noqa: BLE001
+      log(f"{label} {name}: failed {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      continue
+    tf = flops / t / 1e12
+    results.append(dict(label=label, impl=name, mode=mode, ms=t * 1e3, tflops=tf))
+    log(f"{label:24s} {name:90s} {t*1e3:8.3f} ms {tf:7.1f} TFLOP/s")
+
+
 def mosaic_bwd_tune(log, results, cases=("dense:16384", "tf:21:3")):
   """The backward kernels alone (dq + dk/dv, given o, lse2 and dO): Mosaic for a few configs beside Triton's
   default pair. Rates count the backward as 2.5x the forward FLOPs, masked work by density."""
@@ -280,13 +299,8 @@ def mosaic_bwd_tune(log, results, cases=("dense:16384", "tf:21:3")):
   cfgs = (mosaic.MosaicBwdConfig(), mosaic.MosaicBwdConfig(one_wait=False),
           mosaic.MosaicBwdConfig(dq_block_k=128), mosaic.MosaicBwdConfig(dq_stages=3, dkdv_stages=3))
   for case in cases:
-    kind, *rest = case.split(":")
-    if kind == "dense":
-      L = int(rest[0])
-      mask = Mask.full(L, L)
-    else:
-      mask = tf_mask(int(rest[0]), int(rest[1]))
-      L = mask.shape[0]
+    mask = _case_mask(case)
+    L = mask.shape[0]
     q, k, v, do = inputs(L, L)[:4]
     o, lse = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=D ** -0.5))(q, k, v)
     flops = 2.5 * 4.0 * B * H * L * L * D * mask.density()
@@ -297,15 +311,7 @@ def mosaic_bwd_tune(log, results, cases=("dense:16384", "tf:21:3")):
     runs += [(str(c), jax.jit(lambda q, k, v, o, lse, do, c=c: mosaic.backward(q, k, v, o, lse, do, mask,
                                                                                 sm_scale=D ** -0.5, cfg=c)))
              for c in cfgs]
-    for name, fn in runs:
-      try:
-        t = timeit(fn, q, k, v, o, lse, do)
-      except Exception as e:  # noqa: BLE001
-        log(f"bwd tune {case} {name}: failed {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        continue
-      tf = flops / t / 1e12
-      results.append(dict(label=f"bwd tune {case}", impl=name, mode="bwd", ms=t * 1e3, tflops=tf))
-      log(f"bwd tune {case:12s} {name:90s} {t*1e3:8.3f} ms {tf:7.1f} TFLOP/s")
+    _time_runs(log, results, f"bwd tune {case}", "bwd", runs, (q, k, v, o, lse, do), flops)
 
 
 def mosaic_jvp_tune(log, results, cases=("dense:16384", "tf:21:1")):
@@ -314,8 +320,7 @@ def mosaic_jvp_tune(log, results, cases=("dense:16384", "tf:21:1")):
   from pallas_kernels import kernels, mosaic  # noqa: PLC0415
   from pallas_kernels.attention import _pad, _Plan  # noqa: PLC0415
   for case in cases:
-    kind, *rest = case.split(":")
-    mask = Mask.full(int(rest[0]), int(rest[0])) if kind == "dense" else tf_mask(int(rest[0]), int(rest[1]))
+    mask = _case_mask(case)
     L = mask.shape[0]
     args = inputs(L, L)
     flops = 3.0 * 4.0 * B * H * L * L * D * mask.density()
@@ -324,15 +329,7 @@ def mosaic_jvp_tune(log, results, cases=("dense:16384", "tf:21:1")):
         *plan.padded(q, k, v), _pad(tq, plan.lq_pad), _pad(tk, plan.lk_pad), _pad(tv, plan.lk_pad),
         plan.sched(plan.jvp), plan.jvp, sm_scale=D ** -0.5, interpret=False))),
         ("mosaic", jax.jit(lambda *a: mosaic.forward_jvp(*a, mask, sm_scale=D ** -0.5)))]
-    for name, fn in runs:
-      try:
-        t = timeit(fn, *args)
-      except Exception as e:  # noqa: BLE001
-        log(f"jvp tune {case} {name}: failed {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        continue
-      tf = flops / t / 1e12
-      results.append(dict(label=f"jvp tune {case}", impl=name, mode="jvp", ms=t * 1e3, tflops=tf))
-      log(f"jvp tune {case:12s} {name:8s} {t*1e3:8.3f} ms {tf:7.1f} TFLOP/s")
+    _time_runs(log, results, f"jvp tune {case}", "jvp", runs, args, flops)
 
 
 def mosaic_order_ab(log, results, cases=("tf:5:1", "tf:6:3", "tf:21:3", "dense:16384")):
@@ -340,11 +337,10 @@ def mosaic_order_ab(log, results, cases=("tf:5:1", "tf:6:3", "tf:21:3", "dense:1
   (`mosaic.HEAVIEST_FIRST`), one after the other in the same process."""
   from pallas_kernels import mosaic  # noqa: PLC0415
   for case in cases:
-    kind, *rest = case.split(":")
-    mask = None if kind == "dense" else tf_mask(int(rest[0]), int(rest[1]))
-    L = int(rest[0]) if kind == "dense" else mask.shape[0]
+    mask = _case_mask(case)
+    L = mask.shape[0]
     q, k, v, tq, tk, tv = inputs(L, L)
-    base = 4.0 * B * H * L * L * D * (1.0 if mask is None else mask.density())
+    base = 4.0 * B * H * L * L * D * mask.density()
     for heaviest in (False, True):
       mosaic.HEAVIEST_FIRST = heaviest  # read at trace time: fresh jitted closures below
       fwd, fb, jv = attn_fns("pallas", mask)

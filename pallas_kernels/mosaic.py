@@ -100,6 +100,15 @@ def _keep_intervals(x, idx, ivs, fill, *, per_row):
   return out
 
 
+def _program(order_ref, npart_ref, nfull_ref, width, tile_axis):
+  """This CTA's place: (batch, head, tile, warpgroup, offset of the tile's list, its partial and total tile
+  counts). Tiles are handed out heaviest first (`order_ref`)."""
+  tile = order_ref[lax.axis_index(tile_axis)]
+  n_p = npart_ref[tile]
+  return (lax.axis_index("batch"), lax.axis_index("heads"), tile, lax.axis_index("wg"), tile * width, n_p,
+          n_p + nfull_ref[tile])
+
+
 def _produce(plgpu, pl, n, stages, streams):
   """The producer warpgroup's loop: for each of the n tiles of a schedule, TMA-copy every stream's tile into
   its ring slot j % stages. streams: [(src(j) -> gmem view, smem ring [stages, ...], full barriers [stages],
@@ -131,13 +140,7 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_
   k_free, v_free = free_bars
   bq, d = ROWS_PER_WG, q_ref.shape[-1]
   dtype = q_ref.dtype
-  b = lax.axis_index("batch")
-  h = lax.axis_index("heads")
-  qi = order_ref[lax.axis_index("q_seq")]  # heaviest query tiles first
-  wg = lax.axis_index("wg")
-  base = qi * width
-  n_p = npart_ref[qi]
-  n = n_p + nfull_ref[qi]
+  b, h, qi, wg, base, n_p, n = _program(order_ref, npart_ref, nfull_ref, width, "q_seq")
 
   def sched_sync():
     plgpu.barrier_arrive(sched_bar)
@@ -332,13 +335,7 @@ def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref,
   k_free, v_free = free_bars
   bq = ROWS_PER_WG
   dtype = q_ref.dtype
-  b = lax.axis_index("batch")
-  h = lax.axis_index("heads")
-  qi = order_ref[lax.axis_index("q_seq")]  # heaviest query tiles first
-  wg = lax.axis_index("wg")
-  base = qi * width
-  n_p = npart_ref[qi]
-  n = n_p + nfull_ref[qi]
+  b, h, qi, wg, base, n_p, n = _program(order_ref, npart_ref, nfull_ref, width, "q_seq")
   mm = dict(plgpu=plgpu, pl=pl)
 
   @pl.when(wg < COMPUTE_WGS)
@@ -408,13 +405,7 @@ def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_re
   (free,) = free_bars
   bk = ROWS_PER_WG
   dtype = q_ref.dtype
-  b = lax.axis_index("batch")
-  h = lax.axis_index("heads")
-  ki = order_ref[lax.axis_index("k_seq")]  # heaviest key tiles first
-  wg = lax.axis_index("wg")
-  base = ki * width
-  n_p = npart_ref[ki]
-  n = n_p + nfull_ref[ki]
+  b, h, ki, wg, base, n_p, n = _program(order_ref, npart_ref, nfull_ref, width, "k_seq")
   mm = dict(plgpu=plgpu, pl=pl)
 
   @pl.when(wg < COMPUTE_WGS)
@@ -587,13 +578,7 @@ def _jvp_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref
   (free,) = free_bars
   bq = ROWS_PER_WG
   dtype = q_ref.dtype
-  b = lax.axis_index("batch")
-  h = lax.axis_index("heads")
-  qi = order_ref[lax.axis_index("q_seq")]  # heaviest query tiles first
-  wg = lax.axis_index("wg")
-  base = qi * width
-  n_p = npart_ref[qi]
-  n = n_p + nfull_ref[qi]
+  b, h, qi, wg, base, n_p, n = _program(order_ref, npart_ref, nfull_ref, width, "q_seq")
   mm = dict(plgpu=plgpu, pl=pl)
   ring_bars = [k_bars, v_bars] + ([tk_bars] if has_tk else []) + ([tv_bars] if has_tv else [])
 
