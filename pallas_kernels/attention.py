@@ -276,7 +276,7 @@ def resolve_backend(backend: str | None, dtype, head_dim: int, mask: Mask, lq: i
   """The kernels a call runs: "triton", "mosaic" (forward, backward and JVP) or "mosaic_fwd" (Mosaic forward,
   Triton backward and JVP); see the module docstring.
 
-  backend: "auto" / "triton" / "mosaic", or None for the `RCM_FLASH_BACKEND` environment variable
+  backend: "auto" / "triton" / "mosaic" / "mosaic_fwd", or None for the `RCM_FLASH_BACKEND` environment variable
   (default "auto"). head_dim is the padded one (64 or 128).
   """
   source = "backend"
