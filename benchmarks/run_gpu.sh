@@ -21,6 +21,13 @@
 #                 adds the Wan VAE decoding each chunk
 #   sfdmd1        one GPU: train_step.py SF-DMD alone
 #   cm1           one GPU: train_step.py TF-dCM + TF-sCM under each remat policy of POLICIES (default attention_out_only)
+# N GPUs (GPUS=4 or 8; RECIPES= picks the recipes, default tf_scm,sf_dmd), one video per GPU:
+#   base1         train_step.py on GPU 0 alone: the same-machine 1-GPU baseline for the efficiencies
+#   fsdpN         train_step.py, mesh fsdp=GPUS, batch GPUS
+#   ctxN          train_step.py, mesh fsdp=GPUS/2 x context=2, batch GPUS/2: TF-sCM (the context axis splits each
+#                 video's 65,520-token sequence over 2 GPUs)
+#   checkN        multi_gpu_check.py on GPUS GPUs: toy TF-sCM losses under fsdp=GPUS and data=GPUS against 1 GPU,
+#                 and each N-GPU checkpoint resumed on 1
 # SF-DMD runs 1 critic update per student update here (the paper's 5 multiplies the rollouts and critic steps).
 set -uo pipefail
 export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
@@ -33,6 +40,7 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 TS="python3 benchmarks/train_step.py --critic_steps 1 --min_frames 9"
 on() { local gpus=$1; shift; CUDA_VISIBLE_DEVICES=$gpus "$@"; }
+N=${GPUS:-4}; ALL=$(seq -s, 0 $((N - 1)))   # the N-GPU phases' cards
 for arg in "$@"; do
   phase=${arg%%:*}; t=${arg#*:}; [ "$t" = "$arg" ] && t=300
   echo "== $phase (limit $t s) $(date -u +%H:%M:%S)"
@@ -80,6 +88,21 @@ for arg in "$@"; do
     sfdmd1)
       on 0 timeout -k 10 "$t" $TS --out $R/sfdmd1 --recipes sf_dmd --iters 3 > $OUT/sfdmd1.log 2>&1
       tail -n 25 $OUT/sfdmd1.log ;;
+    base1)
+      on 0 timeout -k 10 "$t" $TS --out $R/base1 --recipes ${RECIPES:-tf_scm,sf_dmd} --iters 3 > $OUT/base1.log 2>&1
+      tail -n 25 $OUT/base1.log ;;
+    fsdpN)
+      on "$ALL" timeout -k 10 "$t" $TS --out $R/fsdp$N --mesh fsdp=$N --batch $N --recipes ${RECIPES:-tf_scm,sf_dmd} \
+        --iters 3 > $OUT/fsdp$N.log 2>&1
+      tail -n 25 $OUT/fsdp$N.log ;;
+    ctxN)
+      on "$ALL" timeout -k 10 "$t" $TS --out $R/ctx$N --mesh fsdp=$((N / 2)) context=2 --batch $((N / 2)) \
+        --recipes tf_scm --iters 3 > $OUT/ctx$N.log 2>&1
+      tail -n 25 $OUT/ctx$N.log ;;
+    checkN)
+      on "$ALL" timeout -k 10 "$t" python3 benchmarks/multi_gpu_check.py --out $R/check$N --gpus $N \
+        --meshes fsdp=$N data=$N > $OUT/check$N.log 2>&1
+      tail -n 30 $OUT/check$N.log ;;
     *) echo "unknown phase $phase" ;;
   esac
   echo "== $phase exit $? $(date -u +%H:%M:%S)"
