@@ -1,11 +1,11 @@
 """Hopper (sm_90) kernels in Pallas Mosaic GPU for block-sparse masked attention, bf16: the forward (o and
-lse2) and the backward (dq, dk/dv).
+lse2), the backward (dq, dk/dv) and the fused forward+JVP (o and its tangent).
 
-This file owns the Mosaic GPU path of the forward (`forward`) and the backward (`backward`), and the test
-of whether a call can take them (`unsupported_reason`). `attention.py` picks them on compute capability 9.x
-GPUs for bf16 calls; the fused forward+JVP stays on the Triton kernel in `kernels.py`, and so does everything
-in interpret mode (CPU tests of the op). The kernels themselves also run in jax's Mosaic GPU interpreter on
-the CPU (`interpret=`), which is how the tests check their logic.
+This file owns the Mosaic GPU path (`forward`, `backward`, `forward_jvp`) and the test of whether a call can
+take it (`unsupported_reason`). `attention.py` picks it on compute capability 9.x GPUs for bf16 calls; the
+portable Triton kernels in `kernels.py` serve everything else, interpret mode (CPU tests of the op) included.
+The Mosaic kernels themselves also run in jax's Mosaic GPU interpreter on the CPU (`interpret=`), which is
+how the tests check their logic. Every kernel hands out its tiles heaviest first (`TileSchedule.kv_order`).
 
 Forward structure (FlashAttention-3 style, written for our `TileSchedule`s): one CTA per (q head, 128-row query
 tile, batch) with three warpgroups. Warpgroup 2 is the producer: it walks the tile's schedule (partial key
@@ -21,7 +21,8 @@ Numerics match `kernels.forward`: masked logits are -inf, the running max starts
 `MASK_VALUE` (so a row with nothing allowed yet keeps p = 0, never NaN), fully masked rows give o = 0 and
 lse2 = BIG. lse2 = m2 + log2(l) in base 2, [B, H, Lq], the layout the Triton backward reads.
 
-The backward's two kernels have the same shape; see the comment above `MosaicBwdConfig`.
+The backward's two kernels and the fused JVP have the same shape; see the comments above `MosaicBwdConfig`
+and `MosaicJvpConfig`.
 
 Limits of both (callers check `unsupported_reason` first): bf16 (or f16) inputs, D in {64, 128},
 interval-mode schedules with at most `MAX_INTERVALS` intervals per row (dense random masks stay on Triton).
