@@ -47,7 +47,8 @@ def _check(mask, bq, bk):
       assert sorted(got[:n_p[i]]) == list(np.flatnonzero(row == PARTIAL))
       assert sorted(got[n_p[i]:]) == list(np.flatnonzero(row == FULL))
   # Launch orders: every tile once, by decreasing work, ties in index order.
-  for order, work in ((sched.kv_order, sched.kv_partial + sched.kv_full), (sched.q_order, sched.q_partial + sched.q_full)):
+  for order, work in ((sched.kv_order, sched.kv_partial + sched.kv_full),
+                      (sched.q_order, sched.q_partial + sched.q_full)):
     assert sorted(order) == list(range(len(work)))
     keys = [(-work[t], t) for t in order]
     assert keys == sorted(keys)
