@@ -306,7 +306,8 @@ def mosaic_bwd_tune(log, results, cases=("dense:16384", "tf:21:3")):
     flops = 2.5 * 4.0 * B * H * L * L * D * mask.density()
     plan = _Plan(mask, L, L, D ** -0.5, pk.BlockSizes(), False, "triton")
     runs = [("triton", jax.jit(lambda q, k, v, o, lse, do: kernels.backward(
-        *plan.padded(q, k, v), _pad(o, plan.lq_pad), lse, _pad(do, plan.lq_pad), plan.sched(plan.dq), plan.sched(plan.dkdv), plan.dq, plan.dkdv,
+        *plan.padded(q, k, v), _pad(o, plan.lq_pad), lse, _pad(do, plan.lq_pad), plan.sched(plan.dq),
+        plan.sched(plan.dkdv), plan.dq, plan.dkdv,
         sm_scale=D ** -0.5, interpret=False)))]
     runs += [(str(c), jax.jit(lambda q, k, v, o, lse, do, c=c: mosaic.backward(q, k, v, o, lse, do, mask,
                                                                                 sm_scale=D ** -0.5, cfg=c)))
