@@ -573,8 +573,7 @@ class MosaicJvpConfig:
 
 def _jvp_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref,
                 o_ref, to_ref, smem, bars, free_bars, *, plgpu, pl, scale, scale2, width, block_k, stages, group, n_iv,
-                regs,
-                has_tq, has_tk, has_tv):
+                regs, has_tq, has_tk, has_tv):
   q_smem2, tq_smem2, iv_smem2, k_ring, v_ring, tk_ring, tv_ring, *a_smem2 = smem
   k_bars, v_bars, tk_bars, tv_bars, in_bars = bars  # in_bars [3 * COMPUTE_WGS]: q, tq, iv per consumer
   (free,) = free_bars
