@@ -84,6 +84,21 @@ def _order(heaviest_first):
   return heaviest_first if HEAVIEST_FIRST else np.arange(len(heaviest_first), dtype=np.int32)
 
 
+def _schedule_inputs(who: str, dtype, d: int, mask: Mask, lq: int, lk: int, lq_m: int, lk_m: int, block_q: int,
+                     block_k: int, *, rowmajor: bool):
+  """A kernel's schedule operands: ([launch order, tile list, partial counts, full counts, intervals [2R, Lq_m]
+  (starts, then ends)], R, list width), from the row lists (forward, dq, JVP) or the column lists (dk/dv).
+  A ValueError names `who` where the mask is not an interval mask the kernels take."""
+  sched = tile_schedule(mask, lq_m, lk_m, block_q, block_k)
+  if sched.mode != "intervals" or sched.mask_arrays[0].shape[0] > MAX_INTERVALS:
+    raise ValueError(f"mosaic.{who}: unsupported mask ({unsupported_reason(dtype, d, mask, lq, lk)}).")
+  starts, ends = sched.mask_arrays
+  lists = ((sched.kv_order, sched.kv_tiles, sched.kv_partial, sched.kv_full, sched.wq) if rowmajor else
+           (sched.q_order, sched.q_tiles, sched.q_partial, sched.q_full, sched.wk))
+  ins = [jnp.asarray(a) for a in (_order(lists[0]), *lists[1:4], np.concatenate([starts, ends], 0))]
+  return ins, starts.shape[0], lists[4]
+
+
 def _pad_len(x, length):
   return x if x.shape[1] == length else jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
 
@@ -249,15 +264,9 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
   b, lq, h, d = q.shape
   lk, hkv = k.shape[1], k.shape[2]
   lq_m, lk_m = _round_up(lq, cfg.block_q), _round_up(lk, cfg.block_k)
-  sched = tile_schedule(mask, lq_m, lk_m, cfg.block_q, cfg.block_k)
-  if sched.mode != "intervals" or sched.mask_arrays[0].shape[0] > MAX_INTERVALS:
-    raise ValueError(f"mosaic.forward: unsupported mask ({unsupported_reason(q.dtype, d, mask, lq, lk, cfg)}).")
+  ins, n_iv, width = _schedule_inputs("forward", q.dtype, d, mask, lq, lk, lq_m, lk_m, cfg.block_q, cfg.block_k,
+                                     rowmajor=True)
   qp, kp, vp = _pad_len(q, lq_m), _pad_len(k, lk_m), _pad_len(v, lk_m)
-  starts, ends = sched.mask_arrays
-  n_iv = starts.shape[0]
-  iv = jnp.asarray(np.concatenate([starts, ends], 0))  # [2R, Lq_m] int32: starts, then ends
-  order, tiles, npart, nfull = (jnp.asarray(a) for a in (_order(sched.kv_order), sched.kv_tiles, sched.kv_partial,
-                                                         sched.kv_full))
   stages = cfg.stages
   smem_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   scratch = [
@@ -272,7 +281,7 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
       (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
       plgpu.Barrier(num_arrivals=COMPUTE_WGS),
   ]
-  kernel = functools.partial(_kernel, plgpu=plgpu, pl=pl, scale2=sm_scale * LOG2E, width=sched.wq,
+  kernel = functools.partial(_kernel, plgpu=plgpu, pl=pl, scale2=sm_scale * LOG2E, width=width,
                              block_k=cfg.block_k, stages=stages, group=h // hkv, n_iv=n_iv,
                              regs=interpret is None)
   o, lse = plgpu.kernel(
@@ -285,7 +294,7 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **({} if interpret is None else dict(interpret=interpret)),
-  )(order, tiles, npart, nfull, iv, qp, kp, vp)
+  )(*ins, qp, kp, vp)
   return o[:, :lq], lse[:, :, :lq]
 
 
@@ -305,13 +314,11 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
 @dataclasses.dataclass(frozen=True)
 class MosaicBwdConfig:
   """dq_block_k: the dq kernel's key tile; dkdv_block_q: the dk/dv kernel's query tile (multiples of 64);
-  stages: ring depths of the two kernels; one_wait: the dk/dv kernel issues dV += P^T dO and dP^T = V dO^T
-  together and waits once (False: one wait after each)."""
+  stages: ring depths of the two kernels."""
   dq_block_k: int = 64
   dq_stages: int = 2
   dkdv_block_q: int = 64
   dkdv_stages: int = 2
-  one_wait: bool = True
 
 
 def _mma_into(acc, a, b_smem, a_smem, *, plgpu, pl, regs):
@@ -400,7 +407,7 @@ def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref,
 
 def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                  dk_ref, dv_ref, smem, bars, free_bars, *, plgpu, pl, scale, scale2, width, block_q, stages,
-                 group, n_iv, regs, one_wait):
+                 group, n_iv, regs):
   k_smem2, v_smem2, q_ring, do_ring, lse_ring, delta_ring, iv_ring, *a_smem2 = smem
   kv_bars, ring_bars = bars  # kv_bars [2 * COMPUTE_WGS]: k, v per consumer; ring_bars: q, do, lse, delta, iv
   (free,) = free_bars
@@ -439,7 +446,7 @@ def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_re
         ivs = [(plgpu.load(iv_ring.at[slot, r], layout=col), plgpu.load(iv_ring.at[slot, n_iv + r], layout=col))
                for r in range(n_iv)]
         pt = _keep_intervals(pt, keys, ivs, 0.0, per_row=False)
-      if regs and one_wait:  # dV += P^T dO and dP^T = V dO^T in one region: one wgmma wait for both
+      if regs:  # dV += P^T dO and dP^T = V dO^T in one region: one wgmma wait for both
         def dv_dpt(refs):
           plgpu.wgmma(refs[0], pt.astype(dtype), do_ring.at[slot])
           plgpu.wgmma(refs[1], v_smem, do_ring.at[slot].transpose((1, 0)))
@@ -492,11 +499,9 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
   block = COMPUTE_WGS * ROWS_PER_WG  # 128: the query rows of a dq CTA and the key rows of a dk/dv CTA
   lq_m = _round_up(lq, max(block, cfg.dkdv_block_q))
   lk_m = _round_up(lk, max(block, cfg.dq_block_k))
-  s_dq = tile_schedule(mask, lq_m, lk_m, block, cfg.dq_block_k)
-  s_kv = tile_schedule(mask, lq_m, lk_m, cfg.dkdv_block_q, block)
-  for sched in (s_dq, s_kv):
-    if sched.mode != "intervals" or sched.mask_arrays[0].shape[0] > MAX_INTERVALS:
-      raise ValueError(f"mosaic.backward: unsupported mask ({unsupported_reason(q.dtype, d, mask, lq, lk)}).")
+  sched = functools.partial(_schedule_inputs, "backward", q.dtype, d, mask, lq, lk, lq_m, lk_m)
+  dq_ins, dq_iv, dq_width = sched(block, cfg.dq_block_k, rowmajor=True)
+  kv_ins, kv_iv, kv_width = sched(cfg.dkdv_block_q, block, rowmajor=False)
   delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
   delta = jnp.pad(delta, ((0, 0), (0, 0), (0, lq_m - lq)))
   lse = jnp.pad(lse[:, :, :lq], ((0, 0), (0, 0), (0, lq_m - lq)), constant_values=BIG)
@@ -510,15 +515,8 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
                 compiler_params=plgpu.CompilerParams(approx_math=True),
                 **({} if interpret is None else dict(interpret=interpret)))
 
-  def sched_inputs(sched, rowmajor):
-    starts, ends = sched.mask_arrays
-    lists = (_order(sched.kv_order), sched.kv_tiles, sched.kv_partial, sched.kv_full) if rowmajor else \
-        (_order(sched.q_order), sched.q_tiles, sched.q_partial, sched.q_full)
-    return [jnp.asarray(a) for a in lists] + [jnp.asarray(np.concatenate([starts, ends], 0))], starts.shape[0]
-
   # dq
-  ins, n_iv = sched_inputs(s_dq, True)
-  bk, st = cfg.dq_block_k, cfg.dq_stages
+  n_iv, bk, st = dq_iv, cfg.dq_block_k, cfg.dq_stages
   scratch = [
       (tile(COMPUTE_WGS, ROWS_PER_WG, d), tile(COMPUTE_WGS, ROWS_PER_WG, d),
        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32), plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
@@ -528,14 +526,13 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
       (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st),) * 2,
   ]
   dq = plgpu.kernel(
-      functools.partial(_dq_kernel, width=s_dq.wq, block_k=bk, stages=st, n_iv=n_iv, **common),
+      functools.partial(_dq_kernel, width=dq_width, block_k=bk, stages=st, n_iv=n_iv, **common),
       out_type=jax.ShapeDtypeStruct((b, lq_m, h, d), q.dtype), scratch_types=scratch,
       grid=(h, lq_m // block, b), grid_names=("heads", "q_seq", "batch"), **launch,
-  )(*ins, qp, kp, vp, dop, lse, delta)
+  )(*dq_ins, qp, kp, vp, dop, lse, delta)
 
   # dk, dv (per q head)
-  ins, n_iv = sched_inputs(s_kv, False)
-  bq, st = cfg.dkdv_block_q, cfg.dkdv_stages
+  n_iv, bq, st = kv_iv, cfg.dkdv_block_q, cfg.dkdv_stages
   scratch = [
       (tile(COMPUTE_WGS, ROWS_PER_WG, d), tile(COMPUTE_WGS, ROWS_PER_WG, d), tile(st, bq, d), tile(st, bq, d),
        plgpu.SMEM((st, bq), jnp.float32), plgpu.SMEM((st, bq), jnp.float32), plgpu.SMEM((st, 2 * n_iv, bq), jnp.int32))
@@ -544,11 +541,10 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
       (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st),),
   ]
   dk, dv = plgpu.kernel(
-      functools.partial(_dkdv_kernel, width=s_kv.wk, block_q=bq, stages=st, n_iv=n_iv, one_wait=cfg.one_wait,
-                        **common),
+      functools.partial(_dkdv_kernel, width=kv_width, block_q=bq, stages=st, n_iv=n_iv, **common),
       out_type=[jax.ShapeDtypeStruct((b, lk_m, h, d), q.dtype)] * 2, scratch_types=scratch,
       grid=(h, lk_m // block, b), grid_names=("heads", "k_seq", "batch"), **launch,
-  )(*ins, qp, kp, vp, dop, lse, delta)
+  )(*kv_ins, qp, kp, vp, dop, lse, delta)
   if group > 1:
     dk, dv = (x.reshape(b, lk_m, hkv, group, d).astype(jnp.float32).sum(3).astype(q.dtype) for x in (dk, dv))
   return dq[:, :lq], dk[:, :lk], dv[:, :lk]
@@ -691,13 +687,8 @@ def forward_jvp(q, k, v, tq, tk, tv, mask: Mask, *, sm_scale: float, cfg: Mosaic
   lk, hkv = k.shape[1], k.shape[2]
   block_q = COMPUTE_WGS * ROWS_PER_WG
   lq_m, lk_m = _round_up(lq, block_q), _round_up(lk, max(block_q, cfg.block_k))
-  sched = tile_schedule(mask, lq_m, lk_m, block_q, cfg.block_k)
-  if sched.mode != "intervals" or sched.mask_arrays[0].shape[0] > MAX_INTERVALS:
-    raise ValueError(f"mosaic.forward_jvp: unsupported mask ({unsupported_reason(q.dtype, d, mask, lq, lk)}).")
-  starts, ends = sched.mask_arrays
-  n_iv = starts.shape[0]
-  ins = [jnp.asarray(a) for a in (_order(sched.kv_order), sched.kv_tiles, sched.kv_partial, sched.kv_full)]
-  ins.append(jnp.asarray(np.concatenate([starts, ends], 0)))
+  ins, n_iv, width = _schedule_inputs("forward_jvp", q.dtype, d, mask, lq, lk, lq_m, lk_m, block_q, cfg.block_k,
+                                     rowmajor=True)
   qp, kp, vp = _pad_len(q, lq_m), _pad_len(k, lk_m), _pad_len(v, lk_m)
   # absent tangents are not read (static flags); a 1-row dummy fills their argument slot
   dummy = lambda x: jnp.zeros((1, 1, x.shape[2], d), q.dtype)
@@ -718,7 +709,7 @@ def forward_jvp(q, k, v, tq, tk, tv, mask: Mask, *, sm_scale: float, cfg: Mosaic
       (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st),),
   ]
   kernel = functools.partial(
-      _jvp_kernel, plgpu=plgpu, pl=pl, scale=sm_scale, scale2=sm_scale * LOG2E, width=sched.wq, block_k=bk,
+      _jvp_kernel, plgpu=plgpu, pl=pl, scale=sm_scale, scale2=sm_scale * LOG2E, width=width, block_k=bk,
       stages=st, group=h // hkv, n_iv=n_iv, regs=regs, has_tq=tq is not None, has_tk=tk is not None,
       has_tv=tv is not None)
   o, to = plgpu.kernel(
