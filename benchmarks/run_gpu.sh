@@ -22,12 +22,15 @@
 #   sfdmd1        one GPU: train_step.py SF-DMD alone
 #   cm1           one GPU: train_step.py TF-dCM + TF-sCM under each remat policy of POLICIES (default attention_out_only)
 # N GPUs (GPUS=4 or 8; RECIPES= picks the recipes, default tf_scm,sf_dmd), one video per GPU:
-#   base1         train_step.py on GPU 0 alone: the same-machine 1-GPU baseline for the efficiencies
-#   fsdpN         train_step.py, mesh fsdp=GPUS, batch GPUS
-#   ctxN          train_step.py, mesh fsdp=GPUS/2 x context=2, batch GPUS/2: TF-sCM (the context axis splits each
-#                 video's 65,520-token sequence over 2 GPUs)
+#   base1         train_step.py on one GPU, the same-machine baseline for the efficiencies: each recipe of RECIPES
+#                 on its own card (GPU 0, 1, ...), side by side
+#   fsdpN         train_step.py, mesh fsdp=GPUS, batch GPUS, each recipe in its own process (a time limit each)
+#   ctxN          train_step.py, mesh fsdp=GPUS/2 x context=2, batch GPUS/2, each recipe in its own process (the
+#                 context axis splits each video's sequence, 65,520 tokens for TF-sCM, over 2 GPUs)
 #   checkN        multi_gpu_check.py on GPUS GPUs: toy TF-sCM losses under fsdp=GPUS and data=GPUS against 1 GPU,
 #                 and each N-GPU checkpoint resumed on 1
+# REMAT= sets the base1 / fsdpN / ctxN remat policy: one for all (attention_out_only) or per recipe
+# (tf_scm=attention_out_only,sf_dmd=full); default full.
 # SF-DMD runs 1 critic update per student update here (the paper's 5 multiplies the rollouts and critic steps).
 set -uo pipefail
 export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
@@ -39,8 +42,15 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 nvidia-smi --query-gpu=index,name,memory.total --format=csv
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 TS="python3 benchmarks/train_step.py --critic_steps 1 --min_frames 9"
+remat() {   # the REMAT policy of recipe $1
+  local kv
+  case ${REMAT:-full} in
+    *=*) for kv in ${REMAT//,/ }; do [ "${kv%%=*}" = "$1" ] && { echo "${kv#*=}"; return; }; done; echo full ;;
+    *) echo "${REMAT:-full}" ;;
+  esac
+}
 on() { local gpus=$1; shift; CUDA_VISIBLE_DEVICES=$gpus "$@"; }
-N=${GPUS:-4}; ALL=$(seq -s, 0 $((N - 1)))   # the N-GPU phases' cards
+RECIPES=${RECIPES:-tf_scm,sf_dmd}; N=${GPUS:-4}; ALL=$(seq -s, 0 $((N - 1)))   # the N-GPU phases' cards
 for arg in "$@"; do
   phase=${arg%%:*}; t=${arg#*:}; [ "$t" = "$arg" ] && t=300
   echo "== $phase (limit $t s) $(date -u +%H:%M:%S)"
@@ -89,16 +99,26 @@ for arg in "$@"; do
       on 0 timeout -k 10 "$t" $TS --out $R/sfdmd1 --recipes sf_dmd --iters 3 > $OUT/sfdmd1.log 2>&1
       tail -n 25 $OUT/sfdmd1.log ;;
     base1)
-      on 0 timeout -k 10 "$t" $TS --out $R/base1 --recipes ${RECIPES:-tf_scm,sf_dmd} --iters 3 > $OUT/base1.log 2>&1
-      tail -n 25 $OUT/base1.log ;;
+      gpu=0; pids=()
+      for rec in ${RECIPES//,/ }; do
+        on $gpu timeout -k 10 "$t" $TS --out $R/base1_$rec --recipes $rec --remat $(remat $rec) --iters 3 \
+          > $OUT/base1_$rec.log 2>&1 &
+        pids+=($!); gpu=$((gpu + 1))
+      done
+      wait "${pids[@]}"
+      for rec in ${RECIPES//,/ }; do tail -n 12 $OUT/base1_$rec.log; done ;;
     fsdpN)
-      on "$ALL" timeout -k 10 "$t" $TS --out $R/fsdp$N --mesh fsdp=$N --batch $N --recipes ${RECIPES:-tf_scm,sf_dmd} \
-        --iters 3 > $OUT/fsdp$N.log 2>&1
-      tail -n 25 $OUT/fsdp$N.log ;;
+      for rec in ${RECIPES//,/ }; do   # one process each: its own remat policy and a fresh allocator
+        on "$ALL" timeout -k 10 "$t" $TS --out $R/fsdp${N}_$rec --mesh fsdp=$N --batch $N --recipes $rec \
+          --remat $(remat $rec) --iters 3 > $OUT/fsdp${N}_$rec.log 2>&1
+        tail -n 12 $OUT/fsdp${N}_$rec.log
+      done ;;
     ctxN)
-      on "$ALL" timeout -k 10 "$t" $TS --out $R/ctx$N --mesh fsdp=$((N / 2)) context=2 --batch $((N / 2)) \
-        --recipes tf_scm --iters 3 > $OUT/ctx$N.log 2>&1
-      tail -n 25 $OUT/ctx$N.log ;;
+      for rec in ${RECIPES//,/ }; do
+        on "$ALL" timeout -k 10 "$t" $TS --out $R/ctx${N}_$rec --mesh fsdp=$((N / 2)) context=2 --batch $((N / 2)) \
+          --recipes $rec --remat $(remat $rec) --iters 3 > $OUT/ctx${N}_$rec.log 2>&1
+        tail -n 12 $OUT/ctx${N}_$rec.log
+      done ;;
     checkN)
       on "$ALL" timeout -k 10 "$t" python3 benchmarks/multi_gpu_check.py --out $R/check$N --gpus $N \
         --meshes fsdp=$N data=$N > $OUT/check$N.log 2>&1
