@@ -329,7 +329,7 @@ def markdown(result: dict) -> str:
            f"{result['chunk'][1]}, batch {result['batch']}, {result['text_tokens']} text tokens. MFU = analytic "
            f"model FLOPs (no remat recompute) / step time / {result['peak_tflops']} TFLOP/s per device. Memory per "
            f"device (the largest over the devices).", "",
-           "| recipe | frames | tokens/video | step (median) | tokens/s | tokens/s/device | model TFLOP/step | MFU | "
+           "| recipe | frames | video tokens/step | step (median) | tokens/s | tokens/s/device | model TFLOP/step | MFU | "
            "compiled temp | device peak so far | compile |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for name, r in rows.items():
     if "error" in r:
