@@ -83,7 +83,7 @@ def video_flops(cfg, plan, schedules, tpf: int, lc: int, noisy_context: bool) ->
 
 
 def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats, profile_dir=None,
-            kv_dtype="bfloat16", first_chunk_steps=4, vae=None):
+            kv_dtype="bfloat16", first_chunk_steps=4, vae=None, in_place=True):
   first, chunk = sh["patterns"][pattern_name]
   plan = rollout.make_plan(BlockPattern(first, chunk), sh["frames"])
   schedules = rollout.schedules_for(plan, "consistency", steps, first_chunk_steps=first_chunk_steps)
@@ -93,7 +93,8 @@ def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats,
   noise = jax.random.normal(key, (1, sh["frames"], h, w, cfg.in_channels), jnp.float32)
   cond = {"context": jax.random.normal(jax.random.fold_in(key, 1), (1, sh["text_tokens"], cfg.text_dim),
                                        jnp.bfloat16)}
-  kw = dict(plan=plan, schedules=schedules, noisy_context=context == "noisy", rng=key, kv_cache_dtype=kv_dtype)
+  kw = dict(plan=plan, schedules=schedules, noisy_context=context == "noisy", rng=key, kv_cache_dtype=kv_dtype,
+            in_place=in_place)
 
   def one():
     t0 = time.perf_counter()
@@ -190,6 +191,9 @@ def main():
   ap.add_argument("--peak_tflops", type=float, default=798.0, help="bf16 matmul rate of the card (H100: 798)")
   ap.add_argument("--profile", action="store_true",
                   help="jax.profiler trace of the first row's first 3 chunks, summed up in profile.md")
+  ap.add_argument("--concat_kv", action="store_true",
+                  help="attend over a [cache | chunk] concatenation (the training rollouts' layout) instead of the "
+                       "chunk's k/v inside the cache buffer (rollout.stream(in_place=False)): the A/B of that copy")
   ap.add_argument("--unrolled", action="store_true", help="per-layer blocks instead of scan_layers (slower compiles)")
   ap.add_argument("--compile_cache", default="", help="a jax persistent compilation cache dir (re-runs skip compiles)")
   args = ap.parse_args()
@@ -201,14 +205,17 @@ def main():
   device = jax.devices()[0]
   meta = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              command=" ".join(sys.argv), tiny=args.tiny, scan_layers=not args.unrolled, frames=sh["frames"], latent_hw=sh["latent_hw"],
+              command=" ".join(sys.argv), tiny=args.tiny, scan_layers=not args.unrolled, frames=sh["frames"],
+              latent_hw=sh["latent_hw"],
               text_tokens=sh["text_tokens"], peak_tflops=args.peak_tflops, kv_cache_dtype=args.kv_cache_dtype,
+              kv_layout="concatenated" if args.concat_kv else "in place",
               timed="DiT only (no VAE decoding)" + ("; the lines after the table add the Wan VAE (random weights, "
                                                     "bf16) decoding each chunk" if args.decode else ""))
   rows, lines = [], []
   header = ("| impl | pattern | steps | first chunk steps | context | first chunk ms | next chunk ms | video s | "
             "RGB FPS | TFLOP | FPS limit | fraction |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-  print(f"# {meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}\n{header}", flush=True)
+  print(f"# {meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}, KV cache {meta['kv_layout']}\n"
+        f"{header}", flush=True)
   vae = None
   if args.decode:
     from rcm_jax.interop import wan_vae
@@ -227,7 +234,7 @@ def main():
               "chunk geometry) ...", flush=True)
         try:
           r = run_row(model, params, cfg, sh, impl, pattern, steps, context, args.repeats, prof,
-                      args.kv_cache_dtype, first_steps, vae)
+                      args.kv_cache_dtype, first_steps, vae, not args.concat_kv)
         except Exception as e:   # e.g. an impl that cannot take this mask: recorded, the grid goes on
           r = dict(impl=impl, pattern=pattern, steps=steps, first_chunk_steps=first_steps, context=context,
                    error=f"{type(e).__name__}: {e}"[:300])
@@ -261,7 +268,8 @@ def _write(out, meta, rows, header, lines):
   with open(os.path.join(out, "streaming.json"), "w") as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
   with open(os.path.join(out, "streaming.md"), "w") as f:
-    f.write(f"{meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}; `{meta['command']}`\n\n")
+    f.write(f"{meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}, KV cache {meta['kv_layout']}; "
+            f"`{meta['command']}`\n\n")
     f.write(header + "\n" + "\n".join(lines) + "\n")
 
 

@@ -338,3 +338,30 @@ def flash_attention(q, k, v, mask: Mask | None = None, *, sm_scale: float | None
   plan = _Plan(mask, lq, lk, scale, block_sizes or BlockSizes.default_for(q.dtype), bool(interpret), kernels_used)
   o = _FlashAttention(jax.typeof(q), jax.typeof(k), jax.typeof(v), plan)(q, k, v)
   return o[..., :d]
+
+
+def flash_attention_stacked(q, k, v, index, mask: Mask | None = None, *, sm_scale: float | None = None,
+                            interpret: bool | None = None, backend: str | None = None):
+  """Forward-only attention of q [B, Lq, H, D] against entry `index` (an int32 scalar, may be traced) of stacked
+  k/v [N, B, Lk, Hkv, D]: a streaming KV cache of every layer, read by layer index.
+
+  Where the Mosaic forward kernel runs (Hopper, bf16, D = 64 or 128, Lk a multiple of its key tile), it reads
+  the stack in place; elsewhere entry `index` is sliced out (a copy) and `flash_attention` runs on it. It has
+  no derivative rules: it serves inference, where slicing a layer's cache for the kernel would copy it every
+  call (training differentiates `flash_attention` on per-layer k/v). Arguments otherwise as `flash_attention`.
+  """
+  if k.ndim != 5 or v.shape != k.shape:
+    raise ValueError(f"flash_attention_stacked: k and v must be stacks [N, B, Lk, Hkv, D] of one shape, got "
+                     f"k {tuple(k.shape)} and v {tuple(v.shape)}.")
+  entry = lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+  _validate(q, entry(k), entry(v), mask, sm_scale, "pallas")
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  lq, lk, d = q.shape[1], k.shape[2], q.shape[3]
+  full = Mask.full(lq, lk) if mask is None else mask
+  if (d in SUPPORTED_HEAD_DIMS and lk % mosaic.MosaicConfig().block_k == 0
+      and resolve_backend(backend, q.dtype, d, full, lq, lk, bool(interpret)) != "triton"):
+    scale = float(d ** -0.5 if sm_scale is None else sm_scale)
+    return mosaic.forward(q, k, v, full, sm_scale=scale, kv_index=index)[0]
+  take = lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False)
+  return flash_attention(q, take(k), take(v), mask, sm_scale=sm_scale, interpret=interpret, backend=backend)

@@ -143,7 +143,7 @@ def _produce(plgpu, pl, n, stages, streams):
   lax.fori_loop(0, n, issue, None)
 
 
-def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
             smem, bars, free_bars, sched_bar, *, plgpu, pl, scale2, width, block_k, stages, group, n_iv,
             regs=True):
   """One CTA: 2 consumer warpgroups x 64 query rows, 1 producer warpgroup (see module docstring).
@@ -248,20 +248,33 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_
     if regs:
       plgpu.set_max_registers(40, action="decrease")
     kv_head = lax.div(h, jnp.array(group, h.dtype))
-    rows = lambda j: (b, pl.ds(tiles_ref[base + j] * block_k, block_k), kv_head)
+    kv_b = b + kv_row_ref[0]   # k/v row of this batch entry: b, or index * B into a stack (`forward(kv_index=)`)
+    rows = lambda j: (kv_b, pl.ds(tiles_ref[base + j] * block_k, block_k), kv_head)
     _produce(plgpu, pl, n, stages, [(lambda j: k_ref.at[rows(j)], k_smem, k_bars, k_free),
                                     (lambda j: v_ref.at[rows(j)], v_smem, v_bars, v_free)])
 
 
-def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicConfig(), interpret=None):
+def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicConfig(), interpret=None,
+            kv_index=None):
   """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (any Lq, Lk; zero-padded here) -> (o [B, Lq, H, D],
   lse2 [B, H, Lq] f32). `mask` has shape (Lq, Lk) or smaller (padded rows/keys beyond it allow nothing).
   interpret: passed to `plgpu.kernel` (jax >= 0.12 has a Mosaic GPU interpreter that runs on the CPU:
-  barriers, TMA copies and wgmma emulated; the kernel logic test uses it)."""
+  barriers, TMA copies and wgmma emulated; the kernel logic test uses it).
+  kv_index (an int32 scalar, may be traced): k/v are stacks [N, B, Lk, Hkv, D] and the kernel reads entry
+  kv_index in place (a streaming KV cache of all layers: no per-layer slice is copied). Lk must then be a
+  multiple of cfg.block_k (padding would copy the whole stack)."""
   import jax.experimental.pallas as pl  # noqa: PLC0415  (Mosaic GPU imports only where used)
   import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
 
   b, lq, h, d = q.shape
+  if kv_index is None:
+    kv_row = jnp.zeros((1,), jnp.int32)
+  else:
+    if k.ndim != 5 or v.shape != k.shape or k.shape[1] != b or k.shape[2] % cfg.block_k:
+      raise ValueError(f"mosaic.forward(kv_index=): k/v must be stacks [N, B={b}, Lk, Hkv, D] with Lk a multiple "
+                       f"of block_k={cfg.block_k}, got k {k.shape} and v {v.shape}.")
+    kv_row = jnp.reshape(jnp.asarray(kv_index, jnp.int32) * b, (1,))
+    k, v = (x.reshape((-1,) + x.shape[2:]) for x in (k, v))   # [N * B, Lk, Hkv, D]: a free reshape
   lk, hkv = k.shape[1], k.shape[2]
   lq_m, lk_m = _round_up(lq, cfg.block_q), _round_up(lk, cfg.block_k)
   ins, n_iv, width = _schedule_inputs("forward", q.dtype, d, mask, lq, lk, lq_m, lk_m, cfg.block_q, cfg.block_k,
@@ -294,7 +307,7 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **({} if interpret is None else dict(interpret=interpret)),
-  )(*ins, qp, kp, vp)
+  )(*ins, kv_row, qp, kp, vp)
   return o[:, :lq], lse[:, :, :lq]
 
 

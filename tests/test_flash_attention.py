@@ -412,6 +412,17 @@ def test_mosaic_forward_lowers_for_hopper(d, heads):
   assert out[1].shape == (1, heads[0], lq) and out[1].dtype == jnp.float32
 
 
+def test_mosaic_forward_on_a_kv_stack_lowers_for_hopper():
+  mask = Mask.from_ranges(4680, 9472, [(0, 4680, 0, 4680), (0, 4680, 4680, 9360)])
+  q = jax.ShapeDtypeStruct((1, 4680, 12, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((30, 1, 9472, 12, 128), jnp.bfloat16)
+  fn = jax.jit(lambda q, k, v, i: mosaic.forward(q, k, v, mask, sm_scale=128 ** -0.5, kv_index=i)[0])
+  text = fn.trace(q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+  # the stacks reach the kernel through a (free) reshape: no slice or pad of them
+  assert "mosaic_gpu" in text and "stablehlo.reshape %arg1" in text and "stablehlo.dynamic_slice" not in text
+  assert "stablehlo.pad %arg1" not in text and "stablehlo.pad %arg2" not in text
+
+
 def test_mosaic_forward_lowering_rejects_too_much_shared_memory():
   q = jax.ShapeDtypeStruct((1, 256, 1, 128), jnp.bfloat16)
   fn = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, Mask.full(256, 256), sm_scale=0.1,
@@ -438,6 +449,42 @@ def test_mosaic_forward_in_gpu_interpreter():
   ref_lse = np.log2(np.exp2(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
   np.testing.assert_allclose(np.asarray(lse)[:, :, 20:], ref_lse, rtol=1e-5, atol=1e-4)
   assert np.all(np.asarray(lse)[:, :, :20] >= 1e29)  # lse2 = BIG on fully masked rows (backward reads it)
+
+
+def test_mosaic_forward_reads_one_entry_of_a_kv_stack_in_gpu_interpreter():
+  """kv_index (the streaming KV cache of all layers): the kernel reads entry i of stacked k/v [N, B, Lk, Hkv, D]
+  in place, batch entry b at stack row i * B + b; the same as slicing entry i first. Lk must be a tile multiple."""
+  plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  if not hasattr(plgpu, "InterpretGPUParams"):
+    pytest.skip("this jax has no Mosaic GPU interpreter")
+  rng = np.random.default_rng()
+  n, b = 3, 2
+  mask = Mask.from_ranges(100, 256, [(0, 100, 0, 90), (0, 100, 128, 228)])   # cache slots | chunk | padding
+  q = jnp.asarray(rng.standard_normal((b, 100, 2, 64)), jnp.bfloat16)
+  ks, vs = (jnp.asarray(rng.standard_normal((n, b, 256, 1, 64)), jnp.bfloat16) for _ in range(2))
+  i = int(rng.integers(1, n))   # not 0: an ignored index would pass
+  fn = jax.jit(lambda q, k, v, i: mosaic.forward(q, k, v, mask, sm_scale=0.125, interpret=plgpu.InterpretGPUParams(),
+                                                 kv_index=i)[0])
+  ref, run = _ref64(mask, sm_scale=0.125)
+  assert _rel(fn(q, ks, vs, jnp.int32(i)), run(ref, q, ks[i], vs[i])) < TOL[jnp.bfloat16]
+  with pytest.raises(ValueError, match="multiple of block_k"):
+    mosaic.forward(q, ks[:, :, :200], vs[:, :, :200], Mask.full(100, 200), sm_scale=0.125, kv_index=0)
+
+
+def test_flash_attention_stacked_reads_one_entry_and_rejects_bad_stacks():
+  """The portable path (CPU: interpret mode) slices entry `index` (traced) and runs `flash_attention` on it."""
+  rng = np.random.default_rng()
+  mask = video.chunk_vs_cache([0, -1], 1, 1, 8, key_len=40)        # a cache slot, an empty one, the chunk, pad
+  q = jnp.asarray(rng.standard_normal((2, 8, 2, 64)), jnp.float32)
+  ks, vs = (jnp.asarray(rng.standard_normal((3, 2, 40, 1, 64)), jnp.float32) for _ in range(2))
+  i = int(rng.integers(3))
+  o = jax.jit(lambda q, k, v, i: pk.flash_attention_stacked(q, k, v, i, mask))(q, ks, vs, jnp.int32(i))
+  ref, run = _ref64(mask)
+  assert _rel(o, run(ref, q, ks[i], vs[i])) < TOL[jnp.float32]
+  with pytest.raises(ValueError, match="stacks"):
+    pk.flash_attention_stacked(q, ks[0], vs[0], 0, mask)
+  with pytest.raises(ValueError, match="mask shape"):
+    pk.flash_attention_stacked(q, ks[:, :, :32], vs[:, :, :32], 0, mask)
 
 
 def test_mosaic_backward_in_gpu_interpreter():

@@ -1,5 +1,6 @@
 """Streaming generation (rcm_jax/inference/rollout.py `stream`): KV cache vs no KV cache vs the rollout, rolling
 window past the training length, compiles per chunk shape, int8 KV cache error bound, bad input."""
+import dataclasses
 import os
 
 import jax
@@ -16,8 +17,8 @@ CFG = get_config("tiny", num_classes=3, num_actions=3, num_layers=2)   # 2 layer
 B, H, W, C = 1, 4, 4, 4   # 2x2 patches -> 4 tokens per frame
 
 
-def _params(seed=0):
-  p = init_params(CFG, jax.random.key(seed))
+def _params(seed=0, cfg=CFG):
+  p = init_params(cfg, jax.random.key(seed))
   leaves, tree = jax.tree.flatten(p)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   return {"params": jax.tree.unflatten(tree, [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])}
@@ -93,6 +94,60 @@ def test_lookahead_dispatches_the_next_chunk_first_and_changes_no_frame():
     rest = list(gen)
     assert reads == list(range(len(plan.blocks)))
     np.testing.assert_array_equal(np.concatenate([np.asarray(c.video) for c in [first] + rest], 1), on)
+
+
+@pytest.mark.parametrize("noisy_context,scan_layers", [(False, False), (True, True)])
+def test_in_place_chunk_attention_equals_concatenation(noisy_context, scan_layers):
+  """A cache buffer with scratch rows (what `stream` allocates for post-RoPE caches in the compute dtype): each
+  layer attends its entry of the stacked cache in place (layers unrolled, or scanned with the stacks carried).
+  Chunk by chunk, the frames and the cache slots equal the concatenating path's, with stale values in the
+  scratch and padding rows (the mask must hide them)."""
+  pattern = BlockPattern(1, 2, local_blocks=2, sink_blocks=1)
+  seed = int(np.random.default_rng().integers(1000))
+  cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
+  model, params = WanModel(cfg), _params(seed, cfg)
+  noise, cond, null = _inputs(7, seed + 5)
+  plan = rollout.make_plan(pattern, 7)
+  schedules = rollout.schedules_for(plan, "consistency", 2)
+  s = plan.cache_frames * 4
+  concat = rollout.init_cache(model, plan, B, 4)
+  buffer = rollout.init_cache(model, plan, B, 4, scratch_tokens=2 * 4)
+  assert concat["k"].shape[2] == s and buffer["k"].shape[2] == rollout.CACHE_TOKEN_MULTIPLE
+  junk = lambda x, i: x.at[:, :, s:].set(50 * jax.random.normal(jax.random.key(seed + i), x[:, :, s:].shape))
+  buffer = {"k": junk(buffer["k"], 1), "v": junk(buffer["v"], 2)}
+  for i, (f0, f1) in enumerate(plan.blocks):
+    geom = rollout.chunk_geometry(plan, i, 4, buffer["k"].shape[2])
+    assert geom.chunk_at == s and geom.mask.shape == (4 * (f1 - f0), buffer["k"].shape[2])
+    assert rollout.chunk_geometry(plan, i, 4, s).chunk_at is None
+    kw = dict(plan=plan, i=i, times=schedules[i], noisy_context=noisy_context, rng=jax.random.key(seed + i))
+    x_c, concat = rollout.chunk_step(model, params, concat, noise[:, f0:f1], rollout.slice_cond(cond, f0, f1),
+                                     None, **kw)
+    x_b, buffer = rollout.chunk_step(model, params, buffer, noise[:, f0:f1], rollout.slice_cond(cond, f0, f1),
+                                     None, **kw)
+    np.testing.assert_allclose(np.asarray(x_b), np.asarray(x_c), atol=3e-5, rtol=1e-5)
+    for k in "kv":
+      np.testing.assert_allclose(np.asarray(buffer[k][:, :, :s]), np.asarray(concat[k]), atol=3e-5, rtol=1e-5)
+
+
+def test_in_place_bad_input():
+  model, params = WanModel(CFG), _params()
+  plan = rollout.make_plan(BlockPattern(1, 1), 3)
+  with pytest.raises(ValueError, match="int8"):
+    rollout.init_cache(model, plan, B, 4, "int8", scratch_tokens=4)
+  buffer = rollout.init_cache(model, plan, B, 4, scratch_tokens=4)
+  noise, cond, _ = _inputs(1, 0)
+  cond = rollout.slice_cond(cond, 0, 1)
+  geom = rollout.chunk_geometry(plan, 1, 4, buffer["k"].shape[2])
+  call = lambda **kw: model.apply(params, noise, jnp.ones((B, 1)), **cond, kv_cache=buffer, **kw)
+  with pytest.raises(ValueError, match="post-RoPE"):
+    call(mask=geom.mask, cache_chunk_at=geom.chunk_at, cache_positions=np.zeros(plan.cache_frames, np.int32))
+  with pytest.raises(ValueError, match="compute dtype"):
+    model.apply(params, noise, jnp.ones((B, 1)), **cond, mask=geom.mask, cache_chunk_at=geom.chunk_at,
+                kv_cache=jax.tree.map(lambda x: x.astype(jnp.bfloat16), buffer))
+  with pytest.raises(ValueError, match="must be \\[L, S\\]"):
+    call(mask=plan.mask(1, 4), cache_chunk_at=geom.chunk_at)
+  with pytest.raises(ValueError, match="must fit"):
+    call(mask=geom.mask, cache_chunk_at=buffer["k"].shape[2] - 2)
 
 
 def test_one_compile_per_chunk_shape():

@@ -11,7 +11,13 @@ no-KV-cache mode that recomputes the context every chunk).
 Cache: {"k", "v": [layers, B, S = cache_frames * tokens_per_frame, H, Dh]} zeros, updated with
 `dynamic_update_slice` (static shapes). Keys are cached post-RoPE ("post_rope") or pre-RoPE ("pre_rope", rotated
 at attention time at the slots' frame positions). A chunk's queries see the visible cache slots plus the chunk
-itself (`masks.chunk_vs_cache`, the same visibility rule as `masks.block_causal`).
+itself (`masks.chunk_vs_cache`, the same visibility rule as `masks.block_causal`). `stream` allocates the
+buffer with scratch rows after the S cache tokens (`init_cache(scratch_tokens=)`, rounded up to the kernels'
+key tile): each layer writes the chunk's k/v there and attends over its entry of the [layers, ...] stack in
+place (the layer loop carries the stacks; the Mosaic kernel reads by layer index), where slicing the layer's
+cache and concatenating [cache | chunk] (padded to the tile) copies it every call. The stacks are threaded
+through a chunk's calls, and the jitted chunk donates them, so nothing is copied. Training rollouts concatenate
+(that path is differentiable).
 Cache writes: clean context = an extra t=0 pass on the chunk's output (NFE = steps + 1); noisy context = the
 exit step's own K/V (NFE = steps). The last block is never written.
 
@@ -74,10 +80,11 @@ class CachePlan:
   views: tuple
   writes: tuple
 
-  def mask(self, i: int, tokens_per_frame: int):
+  def mask(self, i: int, tokens_per_frame: int, key_len: int | None = None):
+    """Block i's Mask over keys [cache | chunk] (key_len: over a cache buffer of that many tokens)."""
     f0, f1 = self.blocks[i]
     return masks.chunk_vs_cache(self.views[i], i, f1 - f0, tokens_per_frame, local_blocks=self.local_blocks,
-                                sink_blocks=self.sink_blocks)
+                                sink_blocks=self.sink_blocks, key_len=key_len)
 
   def slot_positions(self, i: int) -> np.ndarray:
     """int32[cache_frames]: RoPE frame position of each slot's frame in view i (0 for empty slots)."""
@@ -152,12 +159,25 @@ def _live_frames(blocks, local_blocks, sink_blocks) -> int:
 
 
 KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
+# The attention kernels' largest key tile: a cache buffer of this many tokens' multiple is never padded.
+CACHE_TOKEN_MULTIPLE = 128
 
 
-def init_cache(model, plan: CachePlan, batch: int, tokens_per_frame: int, dtype="float32") -> dict:
-  """{"k", "v": [layers, B, S, H, Dh]} zeros; int8 adds {"k_scale", "v_scale": fp32 [layers, B, S, H, 1]}."""
+def init_cache(model, plan: CachePlan, batch: int, tokens_per_frame: int, dtype="float32",
+               scratch_tokens: int = 0) -> dict:
+  """{"k", "v": [layers, B, S, H, Dh]} zeros; int8 adds {"k_scale", "v_scale": fp32 [layers, B, S, H, 1]}.
+
+  S = plan.cache_frames * tokens_per_frame. scratch_tokens > 0 (float caches): the buffer also has free rows
+  [S, S + scratch_tokens) for the chunk being generated, rounded up to a multiple of CACHE_TOKEN_MULTIPLE; each
+  chunk's k/v are then attended in place (`chunk_geometry`), not concatenated to a copy of the cache.
+  """
   cfg = model.config
-  shape = (cfg.num_layers, batch, plan.cache_frames * tokens_per_frame, cfg.num_heads, cfg.head_dim)
+  tokens = plan.cache_frames * tokens_per_frame
+  if scratch_tokens:
+    if jnp.dtype(dtype) == jnp.int8:
+      raise ValueError("an int8 KV cache takes no scratch rows (it is dequantised into a copy each call).")
+    tokens = -(-(tokens + scratch_tokens) // CACHE_TOKEN_MULTIPLE) * CACHE_TOKEN_MULTIPLE
+  shape = (cfg.num_layers, batch, tokens, cfg.num_heads, cfg.head_dim)
   if jnp.dtype(dtype) != jnp.int8:
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
   ones = jnp.ones(shape[:-1] + (1,), jnp.float32)
@@ -205,13 +225,21 @@ def _tpf(model, x):
 class ChunkGeometry:
   """The static part of one chunk's cached model call (hashable: the key of a stream's jitted chunk)."""
   frames: int            # frames in the chunk
-  mask: object           # pallas_kernels.Mask [Lq, S + Lq] over keys [cache | chunk]
+  mask: object           # pallas_kernels.Mask [Lq, S + Lq] over keys [cache | chunk], or [Lq, buffer] in place
   write: bool            # are the chunk's k/v written to the cache?
+  chunk_at: int | None = None   # in place: the buffer row where the chunk's k/v go (the cache's end, S)
 
 
-def chunk_geometry(plan: CachePlan, i: int, tokens_per_frame: int) -> ChunkGeometry:
+def chunk_geometry(plan: CachePlan, i: int, tokens_per_frame: int, buffer_tokens: int | None = None
+                   ) -> ChunkGeometry:
+  """buffer_tokens: the cache buffer's length (cache["k"].shape[2]); longer than the plan's cache (scratch
+  rows, `init_cache`): the chunk's k/v are placed right after the cache and attended in place."""
   f0, f1 = plan.blocks[i]
-  return ChunkGeometry(f1 - f0, plan.mask(i, tokens_per_frame), plan.writes[i] is not None)
+  s = plan.cache_frames * tokens_per_frame
+  if buffer_tokens is None or buffer_tokens == s:
+    return ChunkGeometry(f1 - f0, plan.mask(i, tokens_per_frame), plan.writes[i] is not None)
+  return ChunkGeometry(f1 - f0, plan.mask(i, tokens_per_frame, key_len=buffer_tokens), plan.writes[i] is not None,
+                       chunk_at=s)
 
 
 def chunk_positions(plan: CachePlan, i: int, tokens_per_frame: int) -> dict:
@@ -231,7 +259,7 @@ def _cached_call(model, params, x, tt, cond, cache, *, geom, pos, cache_keys, wr
   write = write and geom.write
   v, new = model.apply(params, x, tt, **cond, kv_cache=fp, mask=geom.mask, frame_positions=pos["frame_positions"],
                        cache_positions=pos["cache_positions"] if cache_keys == "pre_rope" else None,
-                       cache_write=pos["write_at"] if write else None)
+                       cache_write=pos["write_at"] if write else None, cache_chunk_at=geom.chunk_at)
   if not int8 or not write:
     return v, (cache if int8 else new)
   rows = geom.frames * _tpf(model, x)
@@ -258,11 +286,12 @@ def _net(model, params, x, t, cond, null, cache, *, geom, pos, cfg_scale, cache_
 
 
 def _denoise(net, params, prefix_params, noise, times, *, solver, noisy_context, write, rng, exit_step,
-             replay_backprop):
+             replay_backprop, state=None):
   """The steps of one chunk (shared by the cached and the recomputing paths).
 
-  net(p, x, t, write) -> (v, state). Returns (x0, state after the chunk (stop-gradient'ed), x_exit: the exit
-  step's input, what a noisy context keeps)."""
+  net(p, x, t, write, state) -> (v, state): state (the KV cache, or None) is threaded through the calls, so a
+  cache buffer whose scratch rows each call rewrites stays one buffer, updated in place. Returns (x0, state
+  after the chunk (stop-gradient'ed), x_exit: the exit step's input, what a noisy context keeps)."""
   times = jnp.asarray(times, jnp.float32)
   n_steps = times.shape[0] - 1
   exit_step = n_steps if exit_step is None else exit_step
@@ -276,25 +305,26 @@ def _denoise(net, params, prefix_params, noise, times, *, solver, noisy_context,
   subs = jnp.stack(subs)                                   # the steps' noise keys, as key data
   x = sg(noise.astype(jnp.float32) * times[0])
 
-  def body(s, x):
-    v, _ = net(pre, x, times[s], False)
+  def body(s, carry):
+    x, state = carry
+    v, state = net(pre, x, times[s], False, state)
     if solver == "consistency":
       eps = jax.random.normal(jax.random.wrap_key_data(subs[s]), x.shape, jnp.float32)
-      return samplers.consistency_step(x, times[s], times[s + 1], v, eps)
-    return samplers.euler_step(x, times[s], times[s + 1], v)
+      return samplers.consistency_step(x, times[s], times[s + 1], v, eps), state
+    return samplers.euler_step(x, times[s], times[s + 1], v), state
 
-  x = sg(jax.lax.fori_loop(0, exit_step - 1, body, x))
+  x, state = sg(jax.lax.fori_loop(0, exit_step - 1, body, (x, sg(state))))
   t_exit = times[exit_step - 1]
 
-  def exit_call(p, x):
-    v, c = net(p, x, t_exit, write and noisy_context)
+  def exit_call(p, x, state):
+    v, c = net(p, x, t_exit, write and noisy_context, state)
     return flow.x0_from_velocity(x, t_exit, v), c
 
   if replay_backprop:   # rebuild this chunk's graph in the backward pass instead of storing it
     exit_call = jax.checkpoint(exit_call)
-  x0, state = exit_call(params, x)
+  x0, state = exit_call(params, x, state)
   if write and not noisy_context:   # clean context: an extra t=0 pass, no grad
-    _, state = net(pre, sg(x0), jnp.zeros((), jnp.float32), True)
+    _, state = net(pre, sg(x0), jnp.zeros((), jnp.float32), True, sg(state))
   return x0, sg(state), x
 
 
@@ -311,13 +341,13 @@ def chunk_step(model, params, cache, noise, cond, null, *, plan: CachePlan, i: i
   with_exit_input: also return the exit step's input (replayed backprop reruns the exit call from it).
   """
   tpf = _tpf(model, noise)
-  geom = chunk_geometry(plan, i, tpf) if geom is None else geom
+  geom = chunk_geometry(plan, i, tpf, cache["k"].shape[2]) if geom is None else geom
   pos = chunk_positions(plan, i, tpf) if pos is None else pos
-  cache = jax.lax.stop_gradient(cache)
-  net = lambda p, x, t, write: _net(model, p, x, t, cond, null, cache, geom=geom, pos=pos, cfg_scale=cfg_scale,
-                                    cache_keys=cache_keys, write=write)
+  net = lambda p, x, t, write, cache: _net(model, p, x, t, cond, null, cache, geom=geom, pos=pos,
+                                           cfg_scale=cfg_scale, cache_keys=cache_keys, write=write)
   x0, cache, x_exit = _denoise(net, params, prefix_params, noise, times, solver=solver, noisy_context=noisy_context,
-                               write=geom.write, rng=rng, exit_step=exit_step, replay_backprop=replay_backprop)
+                               write=geom.write, rng=rng, exit_step=exit_step, replay_backprop=replay_backprop,
+                               state=cache)
   return (x0, cache, x_exit) if with_exit_input else (x0, cache)
 
 
@@ -402,6 +432,8 @@ def _replayed_rollout_chunks(model, params, noise, cond, null, cache, *, plan, s
   x, t = jnp.concatenate(exits, axis=1), jnp.concatenate(t_exit)[None]         # [B, T, H, W, C], [1, T]
   last = len(plan.blocks) - 1
   geom = ChunkGeometry(plan.num_frames, replay_mask(plan, tpf), False)
+  s = plan.cache_frames * tpf
+  cache = {k: c[:, :, :s] for k, c in cache.items()}   # without scratch rows (`init_cache`), if it has any
   pos = {"frame_positions": np.arange(plan.num_frames, dtype=np.int32), "cache_positions": plan.slot_positions(last),
          "write_at": np.int32(0)}
   v, _ = _net(model, params, x, t, cond, null, cache, geom=geom, pos=pos, cfg_scale=cfg_scale,
@@ -467,10 +499,10 @@ _STREAM_STATIC = ("model", "geom", "times", "solver", "cfg_scale", "noisy_contex
 
 def _stream_chunk_impl(model, params, cache, noise, cond, null, pos, rng, *, geom, times, solver, cfg_scale,
                        noisy_context, cache_keys):
-  net = lambda p, x, t, write: _net(model, p, x, t, cond, null, cache, geom=geom, pos=pos, cfg_scale=cfg_scale,
-                                    cache_keys=cache_keys, write=write)
+  net = lambda p, x, t, write, cache: _net(model, p, x, t, cond, null, cache, geom=geom, pos=pos,
+                                           cfg_scale=cfg_scale, cache_keys=cache_keys, write=write)
   x0, cache, _ = _denoise(net, params, None, noise, times, solver=solver, noisy_context=noisy_context,
-                          write=geom.write, rng=rng, exit_step=None, replay_backprop=False)
+                          write=geom.write, rng=rng, exit_step=None, replay_backprop=False, state=cache)
   return x0, cache
 
 
@@ -494,7 +526,7 @@ def _recompute_chunk(model, params, ctx_x, ctx_t, noise, cond, null, rng, *, mas
   f0 = ctx_x.shape[1]
   b, n = noise.shape[:2]
 
-  def net(p, x, t, write):
+  def net(p, x, t, write, state):
     xf = jnp.concatenate([ctx_x, x], axis=1)
     tf = jnp.concatenate([ctx_t, jnp.full((b, n), t, jnp.float32)], axis=1)
     fn = lambda xf, tf, c: model.apply(p, xf, tf, **c, mask=mask)[:, f0:]
@@ -524,7 +556,7 @@ def check_stream_conditions(model, cond_block: dict, key: str):
 
 def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules, solver="consistency",
            cfg_scale=1.0, noisy_context=False, cache_keys="post_rope", kv_cache=True, kv_cache_dtype="float32",
-           rng=None, actions_key="sample.actions", lookahead=None):
+           rng=None, actions_key="sample.actions", lookahead=None, in_place=True):
   """Generator of `StreamChunk`s, each yielded as soon as its frames are ready.
 
   noise: [B, T, H, W, C] (T = plan.num_frames) or a callable (i, f0, f1) -> the block's noise [B, n, H, W, C].
@@ -537,6 +569,8 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
   chunks (their input slicing and the jitted call's dispatch, ~10 ms a chunk at Wan scale). None: on unless
   noise, cond or null is a callable (live inputs are then read one chunk after the last one shown, not two).
   A chunk's `seconds` runs from its dispatch or from the previous chunk's arrival, whichever is later.
+  in_place: post-RoPE caches in the model's compute dtype get scratch rows and each chunk is attended inside the
+  cache buffer (module docstring); False concatenates [cache | chunk] as the training rollouts do (same frames).
   """
   import time
 
@@ -551,6 +585,7 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
   if lookahead is None:
     lookahead = not any(callable(x) for x in (noise, cond, null))
   rng = jax.random.key(0) if rng is None else rng
+  max_chunk = max(f1 - f0 for f0, f1 in plan.blocks)
   pattern = dict(first_chunk_frames=plan.blocks[0][1],
                  chunk_frames=max([f1 - f0 for f0, f1 in plan.blocks[1:]] or [1]),
                  local_blocks=plan.local_blocks, sink_blocks=plan.sink_blocks)
@@ -568,11 +603,15 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
     r_i = jax.random.fold_in(rng, i)
     size = chunk_fn._cache_size()
     if kv_cache:
-      if state["cache"] is None:
-        state["cache"] = init_cache(model, plan, x_i.shape[0] * (1 if cfg_scale == 1.0 else 2), tpf, kv_cache_dtype)
+      if state["cache"] is None:   # float post-RoPE caches get scratch rows: each chunk attends in place
+        scratch = (in_place and cache_keys == "post_rope"
+                   and jnp.dtype(kv_cache_dtype) == jnp.dtype(model.config.compute_dtype))
+        state["cache"] = init_cache(model, plan, x_i.shape[0] * (1 if cfg_scale == 1.0 else 2), tpf, kv_cache_dtype,
+                                    scratch_tokens=max_chunk * tpf if scratch else 0)
       pos = jax.tree.map(jnp.asarray, chunk_positions(plan, i, tpf))
+      geom = chunk_geometry(plan, i, tpf, state["cache"]["k"].shape[2])
       x0, state["cache"] = chunk_fn(model, params, state["cache"], x_i, c_i, n_i, pos, r_i,
-                                    geom=chunk_geometry(plan, i, tpf), times=schedules[i], solver=solver,
+                                    geom=geom, times=schedules[i], solver=solver,
                                     cfg_scale=cfg_scale, noisy_context=noisy_context, cache_keys=cache_keys)
     else:
       hist = state["hist"]

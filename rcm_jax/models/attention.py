@@ -73,6 +73,19 @@ def attention(q, k, v, mask: Mask | None = None, *, impl: str = "xla"):
   return ulysses_attention(q, k, v, mask, impl=impl, mesh=mesh)
 
 
+def stacked_attention(q, k, v, index, mask: Mask | None = None, *, impl: str = "xla"):
+  """Forward-only `attention` against entry `index` (int32, may be traced) of stacked k/v [N, B, Lk, Hkv, D]: a
+  streaming KV cache of every layer, read by layer index. With impl "pallas" and no mesh the kernel reads the
+  stack in place (`pallas_kernels.flash_attention_stacked`); otherwise entry `index` is sliced out first."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown attention impl {impl!r}; use one of {IMPLS}.")
+  if impl == "pallas" and context_mesh() is None and kernel_mesh() is None:
+    from pallas_kernels import flash_attention_stacked  # lazy, as in `_local_attention`
+    return flash_attention_stacked(q, k, v, index, mask)
+  take = lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False)
+  return attention(q, take(k), take(v), mask, impl=impl)
+
+
 def kernel_mesh():
   """The ambient (abstract) mesh if any of its axes not already manual has size > 1, else None."""
   mesh = jax.sharding.get_abstract_mesh()

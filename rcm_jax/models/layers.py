@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.mask import Mask
-from rcm_jax.models.attention import attention
+from rcm_jax.models.attention import attention, stacked_attention
 from rcm_jax.models.config import WanConfig
 from rcm_jax.models.rope import apply_rope
 
@@ -145,9 +145,13 @@ class WanAttention(nn.Module):
     k = apply_rope(k, cos, sin)
     return checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
 
-  def attend(self, q, k, v, mask: Mask | None = None, *, tag: str | None = None):
-    """q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] -> [B, Lq, D] after the output linear."""
-    o = attention(q, k, v, mask, impl=self.config.attention_impl)
+  def attend(self, q, k, v, mask: Mask | None = None, *, tag: str | None = None, layer=None):
+    """q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] -> [B, Lq, D] after the output linear. layer (int32, may be traced):
+    k/v are stacks [N, B, Lk, H, Dh] and entry `layer` is attended in place (`stacked_attention`)."""
+    if layer is None:
+      o = attention(q, k, v, mask, impl=self.config.attention_impl)
+    else:
+      o = stacked_attention(q, k, v, layer, mask, impl=self.config.attention_impl)
     if tag is not None:
       o = checkpoint_name(o, tag)
     return self.to_out_0(o.reshape(*o.shape[:2], self.config.dim))
@@ -157,17 +161,33 @@ class WanAttention(nn.Module):
     return self.attend(q, k, v, mask, tag="attention_out")
 
   def cached_self_attention(self, x, cos, sin, mask: Mask | None, cache_k, cache_v, cache_cos=None,
-                            cache_sin=None, write_at: int | None = None):
+                            cache_sin=None, write_at: int | None = None, chunk_at: int | None = None,
+                            layer=None):
     """Self-attention of a chunk against a KV cache (`rcm_jax.inference.rollout`) plus itself.
 
     x [B, Lq, D] chunk tokens; cos/sin [Lq, Dh/2] at the chunk's positions; cache_k/cache_v [B, S, H, Dh].
     Keys in the cache are post-RoPE (cache_cos is None) or pre-RoPE, rotated here at cache_cos/sin [S, Dh/2].
-    mask: [Lq, S + Lq] over keys `[cache | chunk]`. write_at: static token offset where the chunk's k/v are
-    written into the cache (same RoPE convention), or None. Returns (out [B, Lq, D], (new_k, new_v)).
+    mask: [Lq, S + Lq] over keys `[cache | chunk]`. write_at: token offset (may be traced) where the chunk's
+    k/v are written into the cache (same RoPE convention), or None. Returns (out [B, Lq, D], (new_k, new_v)).
+
+    In place (chunk_at, static, and layer, int32 that may be traced; post-RoPE keys in the compute dtype):
+    cache_k/cache_v are every layer's stacks [layers, B, S, H, Dh] with free rows [chunk_at, chunk_at + Lq)
+    for the chunk, and this is entry `layer`. The chunk's k/v are written into those rows and the attention
+    reads the stack itself under `mask` [Lq, S]: no [cache | chunk] concatenation and no slice of the layer's
+    cache, each of which would copy it every call. The returned stacks keep the chunk's rows written; write_at
+    must be None (`WanModel` moves every layer's rows to their slot after the last layer: a second write per
+    layer, after the read, makes XLA copy the whole stack).
     """
     q = apply_rope(self.project_q(x), cos, sin)
     k_raw, v = self.project_kv(x)
     k = apply_rope(k_raw, cos, sin)
+    if chunk_at is not None:
+      if cache_cos is not None or layer is None or write_at is not None or cache_k.dtype != k.dtype:
+        raise ValueError(f"chunk_at (the chunk's k/v in the cache buffer) needs post-RoPE cached keys, a layer "
+                         f"index, no write_at and a cache in the compute dtype {k.dtype} (got {cache_k.dtype}).")
+      put = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[None], (layer, 0, chunk_at, 0, 0))
+      cache_k, cache_v = put(cache_k, k), put(cache_v, v)
+      return self.attend(q, cache_k, cache_v, mask, layer=layer), (cache_k, cache_v)
     keys_cache = cache_k if cache_cos is None else apply_rope(cache_k, cache_cos, cache_sin)
     out = self.attend(q, jnp.concatenate([keys_cache.astype(k.dtype), k], axis=1),
                       jnp.concatenate([cache_v.astype(v.dtype), v], axis=1), mask)
@@ -219,15 +239,17 @@ class WanBlock(nn.Module):
   """
   config: WanConfig
   mask: Mask | None = None
+  chunk_at: int | None = None   # KV-cache path: the chunk's rows in the cache buffer (`cached_self_attention`)
 
   @nn.compact
-  def __call__(self, x, context, timestep_proj, cos, sin, cache=None, cache_rope=None, write_at=None):
+  def __call__(self, x, context, timestep_proj, cos, sin, cache=None, cache_rope=None, write_at=None, layer=None):
     """x: [B, L, D] residual stream (>= fp32), L = F * S tokens frame-major; context: [B, Lc, D] or None;
     timestep_proj: [B, F, 6, D]; cos/sin: [L, Dh/2]. Returns the new residual stream [B, L, D].
 
-    With `cache` = (k, v) [B, Sc, H, Dh] (this layer's KV cache; `mask` is then [L, Sc + L]): returns
-    (residual stream, new cache). cache_rope: None (keys cached post-RoPE) or (cos, sin) [Sc, Dh/2] to rotate
-    pre-RoPE cached keys; write_at: static token slot where this chunk's k/v are written, or None."""
+    With `cache` = (k, v) [B, Sc, H, Dh] (this layer's KV cache; `mask` is then [L, Sc + L], or [L, Sc] with
+    `chunk_at`): returns (residual stream, new cache). cache_rope: None (keys cached post-RoPE) or (cos, sin)
+    [Sc, Dh/2] to rotate pre-RoPE cached keys; write_at: token slot where this chunk's k/v are written, or
+    None. With `chunk_at`, cache is every layer's stacks and `layer` this block's index in them."""
     cfg = self.config
     dt = cfg.compute_dtype
     b, length, d = x.shape
@@ -253,7 +275,8 @@ class WanBlock(nn.Module):
       x = x + gated(attn1.self_attention(h, cos, sin, self.mask), gate_msa)
     else:
       ccos, csin = (None, None) if cache_rope is None else cache_rope
-      o, cache = attn1.cached_self_attention(h, cos, sin, self.mask, *cache, ccos, csin, write_at)
+      o, cache = attn1.cached_self_attention(h, cos, sin, self.mask, *cache, ccos, csin, write_at, self.chunk_at,
+                                             layer)
       x = x + gated(o, gate_msa)
     # 2. cross-attention (no gate, no modulation)
     if context is not None:

@@ -134,19 +134,24 @@ def chunk_attention_ranges(num_frames: int, tokens_per_frame: int, block: int, *
 
 
 def chunk_vs_cache(slot_blocks, block: int, chunk_frames: int, tokens_per_frame: int, *,
-                   local_blocks: int | None = None, sink_blocks: int = 0) -> Mask:
+                   local_blocks: int | None = None, sink_blocks: int = 0, key_len: int | None = None) -> Mask:
   """Mask[Lq, S + Lq] of a KV-cache rollout step: block `block`'s chunk (Lq = chunk_frames * tokens_per_frame
   queries) against keys `[cache (S = len(slot_blocks) * tokens_per_frame) | chunk]`.
 
   slot_blocks: the block held by each cache frame slot (-1 = empty). A slot is visible iff its block is an
   earlier block visible from `block` (the module docstring's rule); the chunk sees itself bidirectionally.
+  key_len: Mask[Lq, key_len] instead, keys past S + Lq never visible (a cache buffer with the chunk's rows in
+  place and tile padding after them: `rollout.init_cache(scratch_tokens=...)`).
   """
   _check_window(local_blocks, sink_blocks)
   _check_int("chunk_frames", chunk_frames, 1)
   _check_int("tokens_per_frame", tokens_per_frame, 1)
+  lq, s = chunk_frames * tokens_per_frame, len(slot_blocks) * tokens_per_frame
+  key_len = s + lq if key_len is None else key_len
+  if key_len < s + lq:
+    raise ValueError(f"key_len={key_len} is shorter than the cache plus the chunk ({s} + {lq} tokens).")
   ranges = visible_blocks(block, local_blocks=local_blocks, sink_blocks=sink_blocks)
   visible = [0 <= j < block and any(lo <= j < hi for lo, hi in ranges) for j in slot_blocks]
-  lq, s = chunk_frames * tokens_per_frame, len(slot_blocks) * tokens_per_frame
   rects, start = [], None
   for i, vis in enumerate(list(visible) + [False]):   # merge runs of visible slots into rectangles
     if vis and start is None:
@@ -155,4 +160,4 @@ def chunk_vs_cache(slot_blocks, block: int, chunk_frames: int, tokens_per_frame:
       rects.append((0, lq, start * tokens_per_frame, i * tokens_per_frame))
       start = None
   rects.append((0, lq, s, s + lq))
-  return Mask.from_ranges(lq, s + lq, rects)
+  return Mask.from_ranges(lq, key_len, rects)

@@ -66,7 +66,15 @@ def _scan_body_cache(block, x, layer_cache, context, timestep_proj, cos, sin, ca
   return block(x, context, timestep_proj, cos, sin, layer_cache, cache_rope, write_at)
 
 
-def _check_inputs(cfg: WanConfig, x, t, context, labels, actions, y, mask, frame_positions, kv_cache=None):
+def _scan_body_stacked(block, carry, layer, context, timestep_proj, cos, sin):
+  """The in-place KV-cache path: every layer's cache stacks ride in the carry, read and written at `layer`."""
+  x, k, v = carry
+  x, (k, v) = block(x, context, timestep_proj, cos, sin, (k, v), None, None, layer)
+  return (x, k, v), None
+
+
+def _check_inputs(cfg: WanConfig, x, t, context, labels, actions, y, mask, frame_positions, kv_cache=None,
+                  cache_chunk_at=None, cache_positions=None):
   """Every shape check, before any compute. Returns t as [B, F] and frame_positions as an int[F] array."""
   if x.ndim != 5:
     raise ValueError(f"x must be [B, T, H, W, C], got shape {x.shape}.")
@@ -115,7 +123,19 @@ def _check_inputs(cfg: WanConfig, x, t, context, labels, actions, y, mask, frame
     if k.shape != want or kv_cache["v"].shape != want:
       raise ValueError(f"kv_cache k/v must be [layers, B, S, H, Dh] = {want}, got {k.shape} / "
                        f"{kv_cache['v'].shape}.")
-    if mask is None or mask.shape != (num_tokens, k.shape[2] + num_tokens):
+    if cache_chunk_at is not None:
+      if cache_positions is not None or jnp.dtype(k.dtype) != jnp.dtype(cfg.compute_dtype):
+        raise ValueError(f"cache_chunk_at (the chunk's k/v in the cache buffer) needs post-RoPE cached keys "
+                         f"(cache_positions=None) in the compute dtype {jnp.dtype(cfg.compute_dtype).name}, got "
+                         f"a {k.dtype} cache" + (" with cache_positions" if cache_positions is not None else "")
+                         + ": pre-RoPE or other-dtype caches are rotated or cast into a copy anyway.")
+      if not 0 <= cache_chunk_at <= k.shape[2] - num_tokens:
+        raise ValueError(f"cache_chunk_at={cache_chunk_at}: the chunk's {num_tokens} rows must fit in the cache "
+                         f"buffer of {k.shape[2]} tokens (rollout.init_cache(scratch_tokens=...)).")
+      if mask is None or mask.shape != (num_tokens, k.shape[2]):
+        raise ValueError(f"with cache_chunk_at, mask must be [L, S] = {(num_tokens, k.shape[2])} over the cache "
+                         f"buffer (masks.chunk_vs_cache(key_len=S)), got {None if mask is None else mask.shape}.")
+    elif mask is None or mask.shape != (num_tokens, k.shape[2] + num_tokens):
       raise ValueError(f"with a kv_cache, mask must be [L, S + L] = {(num_tokens, k.shape[2] + num_tokens)} over "
                        f"keys [cache | chunk] (masks.chunk_vs_cache), got {None if mask is None else mask.shape}.")
   elif mask is not None and mask.shape != (num_tokens, num_tokens):
@@ -130,7 +150,7 @@ class WanModel(nn.Module):
 
   @nn.compact
   def __call__(self, x, t, *, context=None, labels=None, actions=None, y=None, mask: Mask | None = None,
-               frame_positions=None, kv_cache=None, cache_positions=None, cache_write=None):
+               frame_positions=None, kv_cache=None, cache_positions=None, cache_write=None, cache_chunk_at=None):
     """Velocity [B, T, H, W, out_channels] in fp32 (float64 if x is float64).
 
     x: [B, T, H, W, in_channels] latents, channels-last.
@@ -148,11 +168,17 @@ class WanModel(nn.Module):
        chunk, its queries attend to keys [cache | chunk] under `mask` [L, S + L], and the call returns
        (velocity, new kv_cache). cache_positions: int[S / tokens_per_frame] RoPE frame positions of the cache
        slots when keys are cached pre-RoPE (rotated at attention time), None when cached post-RoPE.
-       cache_write: static token slot where the chunk's k/v (same RoPE convention) are written, or None.
+       cache_write: token slot (may be traced) where the chunk's k/v (same RoPE convention) are written, or None.
+       cache_chunk_at: static token offset of free rows in the cache buffer where the chunk's k/v are placed
+       for the attention (post-RoPE keys in the compute dtype; `mask` is then [L, S] over the buffer). Each
+       layer writes and reads its entry of the stacked cache in place (the stacks are the layer loop's carry),
+       where attending over a [cache | chunk] concatenation copies the layer's cache every call. None:
+       concatenate (the differentiable path: training rollouts).
     """
     cfg = self.config
     dt = cfg.compute_dtype
-    t, frame_positions = _check_inputs(cfg, x, t, context, labels, actions, y, mask, frame_positions, kv_cache)
+    t, frame_positions = _check_inputs(cfg, x, t, context, labels, actions, y, mask, frame_positions, kv_cache,
+                                       cache_chunk_at, cache_positions)
     b, num_t, height, width, _ = x.shape
     pt, ph, pw = cfg.patch_size
     f, hp, wp = num_t // pt, height // ph, width // pw
@@ -201,7 +227,24 @@ class WanModel(nn.Module):
     if kv_cache is not None:
       cache_rope = None if cache_positions is None else rope_tables(
           cache_positions, hp, wp, head_dim=cfg.head_dim, theta=cfg.rope_theta, max_len=cfg.rope_max_seq_len)
-      if cfg.scan_layers:
+      if cache_chunk_at is not None:   # in place: the stacks are carried through the layers, never sliced
+        if cfg.scan_layers:
+          blocks = block_cls(cfg, mask=mask, chunk_at=cache_chunk_at, name="blocks")
+          (h, new_k, new_v), _ = nn.scan(
+              _scan_body_stacked, variable_axes={"params": 0}, split_rngs={"params": True},
+              in_axes=(0,) + (nn.broadcast,) * 4, length=cfg.num_layers)(
+                  blocks, (h, kv_cache["k"], kv_cache["v"]), jnp.arange(cfg.num_layers, dtype=jnp.int32), ctx,
+                  timestep_proj, cos, sin)
+        else:
+          new_k, new_v = kv_cache["k"], kv_cache["v"]
+          for i in range(cfg.num_layers):
+            h, (new_k, new_v) = block_cls(cfg, mask=mask, chunk_at=cache_chunk_at, name=f"blocks_{i}")(
+                h, ctx, timestep_proj, cos, sin, (new_k, new_v), None, None, jnp.int32(i))
+        if cache_write is not None:   # every layer's chunk rows to their slot, after the last layer's read
+          commit = lambda c: jax.lax.dynamic_update_slice_in_dim(
+              c, jax.lax.dynamic_slice_in_dim(c, cache_chunk_at, num_tokens, axis=2), cache_write, axis=2)
+          new_k, new_v = commit(new_k), commit(new_v)
+      elif cfg.scan_layers:
         blocks = block_cls(cfg, mask=mask, name="blocks")
         h, (new_k, new_v) = nn.scan(
             _scan_body_cache, variable_axes={"params": 0}, split_rngs={"params": True},
