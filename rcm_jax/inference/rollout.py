@@ -260,8 +260,10 @@ def _cached_call(model, params, x, tt, cond, cache, *, geom, pos, cache_keys, wr
   v, new = model.apply(params, x, tt, **cond, kv_cache=fp, mask=geom.mask, frame_positions=pos["frame_positions"],
                        cache_positions=pos["cache_positions"] if cache_keys == "pre_rope" else None,
                        cache_write=pos["write_at"] if write else None, cache_chunk_at=geom.chunk_at)
-  if not int8 or not write:
-    return v, (cache if int8 else new)
+  if not write and geom.chunk_at is None:   # nothing written: the model's cache output stays dead code (no copy)
+    return v, cache
+  if not int8:
+    return v, new
   rows = geom.frames * _tpf(model, x)
   out = dict(cache)
   for k in "kv":
@@ -603,7 +605,7 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
     r_i = jax.random.fold_in(rng, i)
     size = chunk_fn._cache_size()
     if kv_cache:
-      if state["cache"] is None:   # float post-RoPE caches get scratch rows: each chunk attends in place
+      if state["cache"] is None:   # post-RoPE caches in the compute dtype get scratch rows: attended in place
         scratch = (in_place and cache_keys == "post_rope"
                    and jnp.dtype(kv_cache_dtype) == jnp.dtype(model.config.compute_dtype))
         state["cache"] = init_cache(model, plan, x_i.shape[0] * (1 if cfg_scale == 1.0 else 2), tpf, kv_cache_dtype,
