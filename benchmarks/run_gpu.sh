@@ -36,7 +36,7 @@ set -uo pipefail
 export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 NCCL_NVLS_ENABLE=0
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
-R=/tmp/res
+R=${RES:-/tmp/res}   # the phases' JSON and markdown, packed into $OUT/results.tgz
 mkdir -p "$R" "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 nvidia-smi --query-gpu=index,name,memory.total --format=csv
