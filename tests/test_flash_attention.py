@@ -370,12 +370,17 @@ def test_mosaic_support_rules():
   assert "intervals per row" in mosaic.unsupported_reason(jnp.bfloat16, 128, many, 128, 640)
 
 
-@pytest.mark.parametrize("d,heads", [(128, (4, 2)), (64, (2, 2))])
-def test_mosaic_backward_lowers_for_hopper(d, heads):
+def _lowering_case(d, heads):
+  """A teacher-forcing mask and bf16 q / kv shapes (no data) for the CUDA lowering tests."""
   mask = video.teacher_forcing(5, 100, first_chunk_frames=1, chunk_frames=1)
   lq = mask.shape[0]
-  q = jax.ShapeDtypeStruct((1, lq, heads[0], d), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((1, lq, heads[1], d), jnp.bfloat16)
+  return (mask, lq, jax.ShapeDtypeStruct((1, lq, heads[0], d), jnp.bfloat16),
+          jax.ShapeDtypeStruct((1, lq, heads[1], d), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("d,heads", [(128, (4, 2)), (64, (2, 2))])
+def test_mosaic_backward_lowers_for_hopper(d, heads):
+  mask, lq, q, kv = _lowering_case(d, heads)
   lse = jax.ShapeDtypeStruct((1, heads[0], lq), jnp.float32)
   fn = jax.jit(lambda q, k, v, o, lse, do: mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=d ** -0.5))
   assert "mosaic_gpu" in fn.trace(q, kv, kv, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
@@ -385,9 +390,7 @@ def test_mosaic_backward_lowers_for_hopper(d, heads):
 
 @pytest.mark.parametrize("present", [(True, True, True), (False, True, False)])
 def test_mosaic_forward_jvp_lowers_for_hopper(present):
-  mask = video.teacher_forcing(5, 100, first_chunk_frames=1, chunk_frames=1)
-  q = jax.ShapeDtypeStruct((1, mask.shape[0], 4, 128), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((1, mask.shape[0], 2, 128), jnp.bfloat16)
+  mask, _, q, kv = _lowering_case(128, (4, 2))
 
   def fn(q, k, v, tq, tk, tv):
     tq, tk, tv = (t if keep else None for t, keep in zip((tq, tk, tv), present))
@@ -400,10 +403,7 @@ def test_mosaic_forward_jvp_lowers_for_hopper(present):
 
 @pytest.mark.parametrize("d,heads", [(128, (4, 2)), (64, (2, 2))])
 def test_mosaic_forward_lowers_for_hopper(d, heads):
-  mask = video.teacher_forcing(5, 100, first_chunk_frames=1, chunk_frames=1)
-  lq = mask.shape[0]
-  q = jax.ShapeDtypeStruct((1, lq, heads[0], d), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((1, lq, heads[1], d), jnp.bfloat16)
+  mask, lq, q, kv = _lowering_case(d, heads)
   fn = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=d ** -0.5))
   text = fn.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
