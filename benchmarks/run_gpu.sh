@@ -18,7 +18,7 @@
 #                 process each, one after the other; no retry with fewer frames; POLICIES= picks others)
 #   stream1       one GPU: streaming.py chunk-wise 2-step noisy (first chunk 4 and 2 steps), 4-step clean, with a
 #                 profile of the first row's first chunks (profile.md); ROWS= picks others, STREAM_ARGS=--decode
-#                 adds the Wan VAE decoding each chunk
+#                 adds the Wan VAE decoding each chunk, STREAM_ARGS=--no-gemm_epilogues drops the XLA GEMM flags
 #   sfdmd1        one GPU: train_step.py SF-DMD alone
 #   cm1           one GPU: train_step.py TF-dCM + TF-sCM under each remat policy of POLICIES (default attention_out_only)
 # N GPUs (GPUS=4 or 8; RECIPES= picks the recipes, default tf_scm,sf_dmd), one video per GPU:

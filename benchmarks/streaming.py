@@ -6,6 +6,7 @@
   python benchmarks/streaming.py --out $OUT --decode              # + end to end: the Wan VAE decodes each chunk
   python benchmarks/streaming.py --out $OUT --profile             # + a jax.profiler trace of the first chunks and
                                                                   #   where their device time goes (profile.md)
+  python benchmarks/streaming.py --out $OUT --no-gemm_epilogues   # XLA's default GEMMs (the flags' A/B)
 
 What it times (DiT only: no VAE decoding, no text encoder; the text embeddings are random [1, 512, 4096]):
 81 RGB frames = 21 latent frames of 60 x 104 x 16 (1560 tokens a frame after the 2x2 patch), bf16 compute,
@@ -47,6 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rcm_jax import xla_flags  # noqa: E402
 from rcm_jax.inference import rollout  # noqa: E402
 from rcm_jax.models.config import get_config  # noqa: E402
 from rcm_jax.models.wan import WanModel, init_params  # noqa: E402
@@ -196,7 +198,12 @@ def main():
                        "chunk's k/v inside the cache buffer (rollout.stream(in_place=False)): the A/B of that copy")
   ap.add_argument("--unrolled", action="store_true", help="per-layer blocks instead of scan_layers (slower compiles)")
   ap.add_argument("--compile_cache", default="", help="a jax persistent compilation cache dir (re-runs skip compiles)")
+  ap.add_argument("--gemm_epilogues", action=argparse.BooleanOptionalAction, default=True,
+                  help="add rcm_jax.xla_flags.GEMM_EPILOGUES to XLA_FLAGS, as `sample` and `play` do "
+                       "(--no-gemm_epilogues: XLA's defaults)")
   args = ap.parse_args()
+  if args.gemm_epilogues:   # before the first device use: XLA reads XLA_FLAGS once
+    xla_flags.add(xla_flags.GEMM_EPILOGUES)
   sh = shapes(args.tiny)
   if args.compile_cache:
     jax.config.update("jax_compilation_cache_dir", args.compile_cache)
@@ -208,13 +215,14 @@ def main():
               command=" ".join(sys.argv), tiny=args.tiny, scan_layers=not args.unrolled, frames=sh["frames"],
               latent_hw=sh["latent_hw"],
               text_tokens=sh["text_tokens"], peak_tflops=args.peak_tflops, kv_cache_dtype=args.kv_cache_dtype,
-              kv_layout="concatenated" if args.concat_kv else "in place",
+              kv_layout="concatenated" if args.concat_kv else "in place", xla_flags=os.environ.get("XLA_FLAGS", ""),
               timed="DiT only (no VAE decoding)" + ("; the lines after the table add the Wan VAE (random weights, "
                                                     "bf16) decoding each chunk" if args.decode else ""))
   rows, lines = [], []
   header = ("| impl | pattern | steps | first chunk steps | context | first chunk ms | next chunk ms | video s | "
             "RGB FPS | TFLOP | FPS limit | fraction |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-  print(f"# {meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}, KV cache {meta['kv_layout']}\n"
+  print(f"# {meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}, KV cache {meta['kv_layout']}, "
+        f"XLA_FLAGS={meta['xla_flags']!r}\n"
         f"{header}", flush=True)
   vae = None
   if args.decode:
@@ -268,8 +276,8 @@ def _write(out, meta, rows, header, lines):
   with open(os.path.join(out, "streaming.json"), "w") as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
   with open(os.path.join(out, "streaming.md"), "w") as f:
-    f.write(f"{meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}, KV cache {meta['kv_layout']}; "
-            f"`{meta['command']}`\n\n")
+    f.write(f"{meta['device']}, jax {meta['jax']}, {meta['date']}, {meta['timed']}, KV cache {meta['kv_layout']}, "
+            f"XLA_FLAGS `{meta['xla_flags']}`; `{meta['command']}`\n\n")
     f.write(header + "\n" + "\n".join(lines) + "\n")
 
 

@@ -111,6 +111,7 @@ def toy_base(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sample.shift = 1.0
   c.sample.first_chunk_steps = 4            # consistency: the first chunk's steps (paper: 4; 1 or 2: lower latency)
   c.sample.num_videos = 32
+  c.sample.gemm_epilogues = True           # sample/play: XLA folds bias + gelu into cuBLASLt (rcm_jax/xla_flags.py)
   c.sample.batch_size = 32
 
   c.generate = ml_collections.ConfigDict()  # teacher samples for the train-split conditions (data.source)

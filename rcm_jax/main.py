@@ -5,7 +5,8 @@ stages). Override any config key with --config.<key>=<value>; the resolved confi
 <workdir>/config.json. `convert --src DIR --dst DIR` (no config, no workdir) turns a Wan2.1 DiT checkpoint
 (diffusers or original layout) into an orbax checkpoint (rcm_jax.interop.wan). `play --config=...
 --checkpoint=STAGE_DIR [--port=8000 --host=127.0.0.1]` (no workdir) serves the action-conditioned world model
-in the browser (rcm_jax.play.server); `--no_kv_cache` (sample, play) sets sample.no_kv_cache.
+in the browser (rcm_jax.play.server); `--no_kv_cache` (sample, play) sets sample.no_kv_cache. sample and play add
+rcm_jax.xla_flags.GEMM_EPILOGUES to XLA_FLAGS unless sample.gemm_epilogues=False.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -33,6 +34,9 @@ def main(argv):
   _check_flags(argv[1])
   if argv[1] == "convert":
     return _convert()
+  if argv[1] in ("sample", "play") and flags.FLAGS.config.sample.get("gemm_epilogues", True):
+    from rcm_jax import xla_flags   # before any backend starts: XLA reads XLA_FLAGS once
+    xla_flags.add(xla_flags.GEMM_EPILOGUES)
   from rcm_jax.parallel import distributed
   try:   # multi-host when COORDINATOR_ADDRESS / NUM_PROCESSES / PROCESS_ID or SLURM say so
     distributed.maybe_initialize()

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from rcm_jax import xla_flags
 from rcm_jax.data import worlds as worlds_lib
 from rcm_jax.evaluation import camera
 from rcm_jax.play import server
@@ -210,7 +211,7 @@ def test_cli_stream_and_play_end_to_end(tmp_path):
   """The commands as a user runs them: 2 DF steps on the camera-pan world (a causal checkpoint), `sample` streaming
   25 frames from 8-frame data through a window with an int8 cache, `--no_kv_cache`, then `play` over HTTP."""
   import urllib.request
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict({k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, JAX_PLATFORMS="cpu")
   cfg = "--config=configs/toy/causal.py:world=camera_pan,runlocal"
   main = [sys.executable, "-m", "rcm_jax.main"]
   run = lambda *a: subprocess.run([*main, *a], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -226,8 +227,12 @@ def test_cli_stream_and_play_end_to_end(tmp_path):
   assert m["num_frames"] == 25 and m["cache_frames"] == 2
   assert len(os.listdir(tmp_path / "s" / "samples" / "stream")) == len(m["chunks"])
   assert m["compiles"] < len(m["chunks"])
-  r = run("sample", *common, f"--workdir={tmp_path}/n", "--config.sample.num_frames=9", "--no_kv_cache")
-  assert r.returncode == 0 and json.load(open(tmp_path / "n" / "metrics.json"))["kv_cache"] is False
+  assert m["xla_flags"] == " ".join(xla_flags.GEMM_EPILOGUES)        # sample.gemm_epilogues defaults to on
+  r = run("sample", *common, f"--workdir={tmp_path}/n", "--config.sample.num_frames=9", "--no_kv_cache",
+          "--config.sample.gemm_epilogues=false")
+  assert r.returncode == 0, r.stderr[-2000:]
+  m = json.load(open(tmp_path / "n" / "metrics.json"))
+  assert m["kv_cache"] is False and m["xla_flags"] == ""
   port = _free_port()
   proc = subprocess.Popen([*main, "play", cfg, f"--checkpoint={tmp_path}/df", f"--port={port}"], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

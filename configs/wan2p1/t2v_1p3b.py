@@ -62,6 +62,7 @@ def get_config(arg=None):
   c.sample.width = 832
   c.sample.fps = 16
   c.sample.batch_size = 1                 # prompts per sampler call
+  c.sample.gemm_epilogues = True          # XLA folds bias + gelu into cuBLASLt (rcm_jax/xla_flags.py)
 
   if arg.tiny:   # random weights, a few latent tokens: seconds on a CPU
     c.model.size = "tiny"

@@ -194,6 +194,6 @@ def sample_stream(config, workdir: str, prepared) -> dict:
             "noisy_context": settings["noisy_context"], "cache_frames": plan.cache_frames,
             "chunks": chunks, "compiles": sum(c["compiled"] for c in chunks),
             "fps_without_compiles": (frames_warm / sum(warm)) if warm else None,
-            "gif": gif, "mp4": mp4, "chunk_pngs": out_dir}
+            "gif": gif, "mp4": mp4, "chunk_pngs": out_dir, "xla_flags": os.environ.get("XLA_FLAGS", "")}
   write_metrics(workdir, result)
   return result
