@@ -42,7 +42,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--tokens", type=int, nargs="+", default=[4680, 65520])
   args = ap.parse_args()
-  cfg = get_config("wan_1p3b")
+  cfg = get_config("wan_1p3b", dtype="bfloat16")   # the streaming benchmark's compute dtype
   ffn = FeedForward(cfg)
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   for n in args.tokens:
