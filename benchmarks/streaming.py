@@ -18,11 +18,12 @@ the whole video's wall time, FPS (81 RGB frames / wall time), and the FLOP count
 limit at --peak_tflops (798: the bf16 matmul rate measured on the project's H100), printed as a fraction.
 
 FLOPs (counted for the calls actually made): per call on a chunk of Lq tokens that sees Lk keys (visible cache +
-itself), per layer: q/k/v/o projections 8 Lq D^2, cross-attention q/o 4 Lq D^2 and k/v of the text 4 Lc D^2,
-self-attention 4 Lq Lk D, cross-attention 4 Lq Lc D, MLP 4 Lq D F; plus the text embedder 2 Lc (T D + D^2).
-At Wan2.1-1.3B shape this gives (c3-3): 2-step noisy 431 TFLOP (limit 150 FPS at 798 TFLOP/s), 4-step clean
-955 TFLOP (68 FPS). The issue's 396 / 990 TFLOP assume 2 steps on the first chunk too (the paper's schedule
-gives it 4) and a cache pass after the last chunk (never read, so never run here).
+itself), per layer: q/k/v/o projections 8 Lq D^2, cross-attention q/o 4 Lq D^2, self-attention 4 Lq Lk D,
+cross-attention 4 Lq Lc D, MLP 4 Lq D F; once per stream (the stream reuses them in every call), the text
+embedder 2 Lc (T D + D^2) and every layer's k/v of the text 4 Lc D^2.
+At Wan2.1-1.3B shape this gives (c3-3): 2-step noisy 429 TFLOP (limit 151 FPS at 798 TFLOP/s; 396 TFLOP and 163
+FPS with 2 steps on the first chunk too), 4-step clean 950 TFLOP (68 FPS). The issue's 990 TFLOP for 4 steps
+count a cache pass after the last chunk (never read, so never run here).
 cudnn: `rcm_jax.models.attention` takes no mask with impl="cudnn", and a KV-cache chunk always passes one (the
 chunk-vs-cache visibility), so cudnn rows record the error until that entry point forwards the mask.
 Compiles: one executable per distinct chunk geometry; without a window the cache view grows every chunk, so a
@@ -68,13 +69,18 @@ def shapes(tiny: bool) -> dict:
 
 def call_flops(cfg, lq: int, lk: int, lc: int) -> float:
   d, f, layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
-  per_layer = 8 * lq * d * d + 4 * lq * d * d + 4 * lc * d * d + 4 * lq * lk * d + 4 * lq * lc * d + 4 * lq * d * f
-  return layers * per_layer + 2 * lc * (cfg.text_dim * d + d * d)
+  return layers * (8 * lq * d * d + 4 * lq * d * d + 4 * lq * lk * d + 4 * lq * lc * d + 4 * lq * d * f)
+
+
+def cross_kv_flops(cfg, lc: int) -> float:
+  """The text embedder and every layer's cross-attention k/v of the text: once per stream."""
+  d = cfg.dim
+  return 2 * lc * (cfg.text_dim * d + d * d) + cfg.num_layers * 4 * lc * d * d
 
 
 def video_flops(cfg, plan, schedules, tpf: int, lc: int, noisy_context: bool) -> float:
   """FLOPs of every network call of one stream (visible keys only)."""
-  total = 0.0
+  total = cross_kv_flops(cfg, lc)
   for i, (f0, f1) in enumerate(plan.blocks):
     lq = (f1 - f0) * tpf
     mask = plan.mask(i, tpf)                    # every query row sees the same keys: visible cache + the chunk

@@ -150,6 +150,65 @@ def test_in_place_bad_input():
     call(mask=geom.mask, cache_chunk_at=buffer["k"].shape[2] - 2)
 
 
+def _dots(fn, *args) -> int:
+  """dot_general ops in fn's lowered program (a scan body counts once)."""
+  return jax.jit(fn).lower(*args).as_text().count("stablehlo.dot_general")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cross_kv_projected_once_is_reused(scan_layers):
+  """WanModel(return_cross_kv=True) gives every layer's cross-attention k/v of the context; a call given them
+  returns what the call projecting them returns, and its program has no text embedder and no k/v projection
+  of the context left (2 dots of the embedder, 2 per layer body)."""
+  seed = int(np.random.default_rng().integers(1000))
+  cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
+  model, params = WanModel(cfg), _params(seed, cfg)
+  noise, cond, _ = _inputs(2, seed)
+  t = jax.random.uniform(jax.random.key(seed), (B, 2))
+  ckv = model.apply(params, noise, t, **cond, return_cross_kv=True)
+  assert ckv["k"].shape == ckv["v"].shape == (cfg.num_layers, B, 1, cfg.num_heads, cfg.head_dim)
+  projecting = lambda: model.apply(params, noise, t, **cond)
+  reusing = lambda c: model.apply(params, noise, t, **cond, cross_kv=c)
+  np.testing.assert_allclose(np.asarray(reusing(ckv)), np.asarray(projecting()), rtol=1e-6, atol=1e-6)
+  assert _dots(projecting) - _dots(reusing, ckv) == 2 + 2 * (1 if scan_layers else cfg.num_layers)
+  with pytest.raises(ValueError, match="return_cross_kv"):
+    reusing({"k": ckv["k"][:1], "v": ckv["v"][:1]})
+
+
+def test_stream_projects_the_context_once(monkeypatch):
+  """Array conditions: the stream projects the cross-attention k/v once, and the chunk function given them
+  projects nothing (it does once per chunk when given None, as for live conditions). Live (callable) conditions
+  give the same frames, CFG included (the k/v then cover [cond | null])."""
+  pattern = BlockPattern(1, 2, local_blocks=2, sink_blocks=1)
+  seed = int(np.random.default_rng().integers(1000))
+  calls, project, given, chunk_fn = [], rollout._CROSS_KV, [], rollout._stream_chunk_fn()
+  monkeypatch.setattr(rollout, "_CROSS_KV", lambda *a, **kw: calls.append(a) or project(*a, **kw))
+
+  def spy(*a, **kw):   # records whether each chunk got the stream's k/v (its 9th argument)
+    given.append(a[8] is not None)
+    return chunk_fn(*a, **kw)
+
+  spy._cache_size = chunk_fn._cache_size
+  monkeypatch.setattr(rollout, "_stream_chunk_fn", lambda: spy)
+  once, _, plan, (model, params, noise, cond, null, schedules) = _stream(pattern, 5, seed=seed, cfg_scale=2.0)
+  assert len(calls) == 1 and given == [True] * len(plan.blocks)
+  live = lambda i, f0, f1: rollout.slice_cond(cond, f0, f1)
+  chunks = list(rollout.stream(model, params, noise, live, null, plan=plan, schedules=schedules, cfg_scale=2.0,
+                               rng=jax.random.key(seed + 9)))
+  assert len(calls) == 1 and given == [True] * len(plan.blocks) + [False] * len(plan.blocks)
+  np.testing.assert_allclose(np.concatenate([np.asarray(c.video) for c in chunks], 1), once, rtol=1e-5, atol=1e-6)
+  # the chunk function itself: given the k/v it has 2 + 2 fewer dots (embedder, one scanned or 2-layer body each)
+  c0, n0, x0 = rollout.slice_cond(cond, 0, 1), rollout.slice_cond(null, 0, 1), noise[:, :1]
+  ckv = project(model, params, x0, c0, n0, cfg_scale=2.0)
+  cache = rollout.init_cache(model, plan, 2 * B, 4, scratch_tokens=8)
+  static = dict(geom=rollout.chunk_geometry(plan, 0, 4, cache["k"].shape[2]), times=schedules[0],
+                solver="consistency", cfg_scale=2.0, noisy_context=False, cache_keys="post_rope")
+  chunk = lambda c: rollout._stream_chunk_impl(model, params, cache, x0, c0, n0, jax.tree.map(
+      jnp.asarray, rollout.chunk_positions(plan, 0, 4)), jax.random.key(0), c, **static)
+  assert ckv["k"].shape[1] == 2 * B
+  assert _dots(lambda: chunk(None)) - _dots(chunk, ckv) == 2 + 2 * CFG.num_layers
+
+
 def test_one_compile_per_chunk_shape():
   """Frame-wise, 1-block window + 1 sink, 8 chunks: the first chunk, the filling one, the steady state
   and the unwritten last chunk compile; the steady-state chunks reuse one executable."""

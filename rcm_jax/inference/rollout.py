@@ -21,6 +21,10 @@ through a chunk's calls, and the jitted chunk donates them, so nothing is copied
 Cache writes: clean context = an extra t=0 pass on the chunk's output (NFE = steps + 1); noisy context = the
 exit step's own K/V (NFE = steps). The last block is never written.
 
+Cross-attention: the text (and class tokens) condition every chunk alike, so `stream` projects every layer's
+cross-attention k/v once (`WanModel(return_cross_kv=True)`) and each call reuses them; with live (callable)
+conditions, once per chunk. Training rollouts project them in each call.
+
 Chunks are unrolled in Python (the first block may differ in size and schedule, and each chunk's mask is
 static); the steps within a chunk are a `fori_loop`, and the exit step may be traced (SF-DMD).
 
@@ -251,15 +255,16 @@ def chunk_positions(plan: CachePlan, i: int, tokens_per_frame: int) -> dict:
           "write_at": np.int32((plan.writes[i] or 0) * tokens_per_frame)}
 
 
-def _cached_call(model, params, x, tt, cond, cache, *, geom, pos, cache_keys, write):
+def _cached_call(model, params, x, tt, cond, cache, *, geom, pos, cache_keys, write, cross_kv=None):
   """model.apply of one chunk against the cache; an int8 cache is dequantised here and its written rows
-  quantised after the call. Returns (v, new cache)."""
+  quantised after the call. cross_kv: the conditions' cross-attention k/v (`_cross_kv`) or None (projected in
+  the call). Returns (v, new cache)."""
   int8 = "k_scale" in cache
   fp = {k: dequantize_int8(cache[k], cache[k + "_scale"]) for k in "kv"} if int8 else cache
   write = write and geom.write
   v, new = model.apply(params, x, tt, **cond, kv_cache=fp, mask=geom.mask, frame_positions=pos["frame_positions"],
                        cache_positions=pos["cache_positions"] if cache_keys == "pre_rope" else None,
-                       cache_write=pos["write_at"] if write else None, cache_chunk_at=geom.chunk_at)
+                       cache_write=pos["write_at"] if write else None, cache_chunk_at=geom.chunk_at, cross_kv=cross_kv)
   if not write and geom.chunk_at is None:   # nothing written: the model's cache output stays dead code (no copy)
     return v, cache
   if not int8:
@@ -274,12 +279,13 @@ def _cached_call(model, params, x, tt, cond, cache, *, geom, pos, cache_keys, wr
   return v, out
 
 
-def _net(model, params, x, t, cond, null, cache, *, geom, pos, cfg_scale, cache_keys, write):
+def _net(model, params, x, t, cond, null, cache, *, geom, pos, cfg_scale, cache_keys, write, cross_kv=None):
   """Model velocity on a chunk against the cache: x [B, n, H, W, C], t [] or [1, n] -> (v [B, n, H, W, C], new
   cache).
-  CFG doubles the batch as [cond | null] (the cache then holds 2B rows)."""
+  CFG doubles the batch as [cond | null] (the cache then holds 2B rows, and cross_kv too)."""
   b, n = x.shape[:2]
-  call = partial(_cached_call, model, params, geom=geom, pos=pos, cache_keys=cache_keys, write=write)
+  call = partial(_cached_call, model, params, geom=geom, pos=pos, cache_keys=cache_keys, write=write,
+                 cross_kv=cross_kv)
   tt = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b, n))      # t: [] or per frame [1, n]
   if cfg_scale == 1.0:
     return call(x, tt, cond, cache)
@@ -499,10 +505,26 @@ class StreamChunk:
 _STREAM_STATIC = ("model", "geom", "times", "solver", "cfg_scale", "noisy_context", "cache_keys")
 
 
-def _stream_chunk_impl(model, params, cache, noise, cond, null, pos, rng, *, geom, times, solver, cfg_scale,
-                       noisy_context, cache_keys):
+def _cross_kv(model, params, x, cond, null, cfg_scale):
+  """Every layer's cross-attention k/v of a chunk's conditions ([cond | null] under CFG, as `_net` batches
+  them): {"k", "v": [layers, B or 2B, Lc, H, Dh]}, or None for a model without context tokens."""
+  if cfg_scale != 1.0:
+    x, cond = jnp.concatenate([x, x]), concat_batch(cond, null)
+  return model.apply(params, x, jnp.zeros(x.shape[:2], jnp.float32), **cond, return_cross_kv=True)
+
+
+_CROSS_KV = jax.jit(_cross_kv, static_argnames=("model", "cfg_scale"))
+
+
+def _stream_chunk_impl(model, params, cache, noise, cond, null, pos, rng, cross_kv, *, geom, times, solver,
+                       cfg_scale, noisy_context, cache_keys):
+  """One streamed chunk. cross_kv: the stream's cross-attention k/v, or None: projected here, once for the
+  chunk's calls (live conditions may change between chunks)."""
+  if cross_kv is None:
+    cross_kv = _cross_kv(model, params, noise, cond, null, cfg_scale)
   net = lambda p, x, t, write, cache: _net(model, p, x, t, cond, null, cache, geom=geom, pos=pos,
-                                           cfg_scale=cfg_scale, cache_keys=cache_keys, write=write)
+                                           cfg_scale=cfg_scale, cache_keys=cache_keys, write=write,
+                                           cross_kv=cross_kv)
   x0, cache, _ = _denoise(net, params, None, noise, times, solver=solver, noisy_context=noisy_context,
                           write=geom.write, rng=rng, exit_step=None, replay_backprop=False, state=cache)
   return x0, cache
@@ -592,7 +614,8 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
                  chunk_frames=max([f1 - f0 for f0, f1 in plan.blocks[1:]] or [1]),
                  local_blocks=plan.local_blocks, sink_blocks=plan.sink_blocks)
   chunk_fn = _stream_chunk_fn() if kv_cache else _recompute_chunk
-  state = dict(cache=None, hist=None)
+  state = dict(cache=None, hist=None, cross_kv=None)
+  shared_conditions = not (callable(cond) or callable(null))   # then the context is the same every chunk
 
   def dispatch(i, f0, f1):
     """Chunk i's inputs and its (asynchronous) jitted call: (i, f0, f1, x0 not yet ready, start, compiled)."""
@@ -610,9 +633,11 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
                    and jnp.dtype(kv_cache_dtype) == jnp.dtype(model.config.compute_dtype))
         state["cache"] = init_cache(model, plan, x_i.shape[0] * (1 if cfg_scale == 1.0 else 2), tpf, kv_cache_dtype,
                                     scratch_tokens=max_chunk * tpf if scratch else 0)
+        if shared_conditions:   # the text's cross-attention k/v, projected once for the whole stream
+          state["cross_kv"] = _CROSS_KV(model, params, x_i, c_i, n_i, cfg_scale=cfg_scale)
       pos = jax.tree.map(jnp.asarray, chunk_positions(plan, i, tpf))
       geom = chunk_geometry(plan, i, tpf, state["cache"]["k"].shape[2])
-      x0, state["cache"] = chunk_fn(model, params, state["cache"], x_i, c_i, n_i, pos, r_i,
+      x0, state["cache"] = chunk_fn(model, params, state["cache"], x_i, c_i, n_i, pos, r_i, state["cross_kv"],
                                     geom=geom, times=schedules[i], solver=solver,
                                     cfg_scale=cfg_scale, noisy_context=noisy_context, cache_keys=cache_keys)
     else:

@@ -249,9 +249,14 @@ class WanBlock(nn.Module):
     With `cache` = (k, v) [B, Sc, H, Dh] (this layer's KV cache; `mask` is then [L, Sc + L], or [L, Sc] with
     `chunk_at`): returns (residual stream, new cache). cache_rope: None (keys cached post-RoPE) or (cos, sin)
     [Sc, Dh/2] to rotate pre-RoPE cached keys; write_at: token slot where this chunk's k/v are written, or
-    None. With `chunk_at`, cache is every layer's stacks and `layer` this block's index in them."""
+    None. With `chunk_at`, cache is every layer's stacks and `layer` this block's index in them.
+
+    context may also be this layer's cross-attention (k, v) [B, Lc, H, Dh], projected once for many calls
+    (`WanModel(return_cross_kv=True)`). x=None returns that pair for `context` [B, Lc, D] and nothing else."""
     cfg = self.config
     dt = cfg.compute_dtype
+    if x is None:
+      return WanAttention(cfg, name="attn2").project_kv(context)
     b, length, d = x.shape
     num_frames = timestep_proj.shape[1]
     table = self.param("scale_shift_table", _scale_shift_init(cfg.dim), (1, 6, cfg.dim), jnp.float32)
@@ -280,8 +285,12 @@ class WanBlock(nn.Module):
       x = x + gated(o, gate_msa)
     # 2. cross-attention (no gate, no modulation)
     if context is not None:
-      h = layer_norm(cfg.eps, True, "norm2")(x) if cfg.cross_attn_norm else x
-      x = x + at_least_f32(WanAttention(cfg, name="attn2").cross_attention(h.astype(dt), context))
+      h = (layer_norm(cfg.eps, True, "norm2")(x) if cfg.cross_attn_norm else x).astype(dt)
+      attn2 = WanAttention(cfg, name="attn2")
+      if isinstance(context, tuple):   # (k, v) projected beforehand
+        x = x + at_least_f32(attn2.attend(attn2.project_q(h), *context))
+      else:
+        x = x + at_least_f32(attn2.cross_attention(h, context))
     # 3. feed-forward
     h = modulate(layer_norm(cfg.eps, False, "norm3")(x), c_shift_msa, c_scale_msa)
     x = x + gated(FeedForward(cfg, name="ffn")(h), c_gate_msa)

@@ -66,11 +66,27 @@ def _scan_body_cache(block, x, layer_cache, context, timestep_proj, cos, sin, ca
   return block(x, context, timestep_proj, cos, sin, layer_cache, cache_rope, write_at)
 
 
+def _scan_body_cross_kv(block, carry, context):
+  return carry, block(None, context, None, None, None)
+
+
 def _scan_body_stacked(block, carry, layer, context, timestep_proj, cos, sin):
   """The in-place KV-cache path: every layer's cache stacks ride in the carry, read and written at `layer`."""
   x, k, v = carry
   x, (k, v) = block(x, context, timestep_proj, cos, sin, (k, v), None, None, layer)
   return (x, k, v), None
+
+
+def _project_cross_kv(cfg: WanConfig, ctx):
+  """Inside WanModel: every layer's cross-attention k/v of ctx [B, Lc, D] -> {"k", "v": [layers, B, Lc, H, Dh]}."""
+  if ctx is None:
+    return None
+  if cfg.scan_layers:
+    _, (k, v) = nn.scan(_scan_body_cross_kv, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast,), length=cfg.num_layers)(WanBlock(cfg, name="blocks"), None, ctx)
+    return {"k": k, "v": v}
+  kv = [WanBlock(cfg, name=f"blocks_{i}")(None, ctx, None, None, None) for i in range(cfg.num_layers)]
+  return {"k": jnp.stack([k for k, _ in kv]), "v": jnp.stack([v for _, v in kv])}
 
 
 def _check_inputs(cfg: WanConfig, x, t, context, labels, actions, y, mask, frame_positions, kv_cache=None,
@@ -150,7 +166,8 @@ class WanModel(nn.Module):
 
   @nn.compact
   def __call__(self, x, t, *, context=None, labels=None, actions=None, y=None, mask: Mask | None = None,
-               frame_positions=None, kv_cache=None, cache_positions=None, cache_write=None, cache_chunk_at=None):
+               frame_positions=None, kv_cache=None, cache_positions=None, cache_write=None, cache_chunk_at=None,
+               cross_kv=None, return_cross_kv=False):
     """Velocity [B, T, H, W, out_channels] in fp32 (float64 if x is float64).
 
     x: [B, T, H, W, in_channels] latents, channels-last.
@@ -174,6 +191,10 @@ class WanModel(nn.Module):
        layer writes and reads its entry of the stacked cache in place (the stacks are the layer loop's carry),
        where attending over a [cache | chunk] concatenation copies the layer's cache every call. None:
        concatenate (the differentiable path: training rollouts).
+    return_cross_kv: return only every layer's cross-attention keys and values of the context tokens,
+       {"k", "v": [layers, B, Lc, H, Dh]} (None when there are no context tokens); x and t set the batch.
+    cross_kv: those stacks, given back for calls that share the context (the chunks of a stream): the text
+       embedding and the per-layer k/v projections are then not recomputed; context and labels are ignored.
     """
     cfg = self.config
     dt = cfg.compute_dtype
@@ -203,19 +224,29 @@ class WanModel(nn.Module):
       temb = temb + at_least_f32(embed(actions)).astype(temb.dtype)
     timestep_proj = cond.project_time(temb)                             # [B, F, 6, D]
 
-    # --- context tokens: text, then class labels ---
-    tokens = [] if context is None else [context.astype(dt)]
-    if cfg.num_classes > 0:
-      if labels is None and (context is None or self.is_initializing()):
-        labels = jnp.full((b, 1), cfg.num_classes, jnp.int32)  # the null class: unconditional
-      embed = nn.Embed(cfg.num_classes + 1, cfg.text_dim, param_dtype=jnp.float32,
-                       embedding_init=nn.initializers.normal(1.0), name="label_embedder")
-      if labels is not None:
-        tokens.append(embed(labels).astype(dt))
-    if not tokens and self.is_initializing():
-      # Create the cross-attention params whatever the init inputs, so one config has one param tree.
-      tokens.append(jnp.zeros((b, 1, cfg.text_dim), dt))
-    ctx = cond.embed_text(jnp.concatenate(tokens, axis=1)) if tokens else None   # [B, Lc, D]
+    # --- context tokens: text, then class labels (or their cross-attention k/v, projected beforehand) ---
+    if cross_kv is not None:   # layer i attends to (k[i], v[i]): scanned, or indexed by the layer loops
+      if cross_kv["k"].shape[:2] != (cfg.num_layers, b) or cross_kv["k"].shape != cross_kv["v"].shape:
+        raise ValueError(f"cross_kv k/v {cross_kv['k'].shape} / {cross_kv['v'].shape}: expected [layers="
+                         f"{cfg.num_layers}, batch={b}, Lc, heads, head_dim] from WanModel(return_cross_kv=True).")
+      ctx = (cross_kv["k"], cross_kv["v"])
+    else:
+      tokens = [] if context is None else [context.astype(dt)]
+      if cfg.num_classes > 0:
+        if labels is None and (context is None or self.is_initializing()):
+          labels = jnp.full((b, 1), cfg.num_classes, jnp.int32)  # the null class: unconditional
+        embed = nn.Embed(cfg.num_classes + 1, cfg.text_dim, param_dtype=jnp.float32,
+                         embedding_init=nn.initializers.normal(1.0), name="label_embedder")
+        if labels is not None:
+          tokens.append(embed(labels).astype(dt))
+      if not tokens and self.is_initializing():
+        # Create the cross-attention params whatever the init inputs, so one config has one param tree.
+        tokens.append(jnp.zeros((b, 1, cfg.text_dim), dt))
+      ctx = cond.embed_text(jnp.concatenate(tokens, axis=1)) if tokens else None   # [B, Lc, D]
+      if return_cross_kv:
+        return _project_cross_kv(cfg, ctx)
+    ctx_axis = nn.broadcast if cross_kv is None else 0
+    layer_ctx = (lambda i: ctx) if cross_kv is None else (lambda i: (ctx[0][i], ctx[1][i]))
 
     # --- 3D RoPE tables at the frames' positions ---
     cos, sin = rope_tables(frame_positions, hp, wp, head_dim=cfg.head_dim, theta=cfg.rope_theta,
@@ -232,14 +263,14 @@ class WanModel(nn.Module):
           blocks = block_cls(cfg, mask=mask, chunk_at=cache_chunk_at, name="blocks")
           (h, new_k, new_v), _ = nn.scan(
               _scan_body_stacked, variable_axes={"params": 0}, split_rngs={"params": True},
-              in_axes=(0,) + (nn.broadcast,) * 4, length=cfg.num_layers)(
+              in_axes=(0, ctx_axis) + (nn.broadcast,) * 3, length=cfg.num_layers)(
                   blocks, (h, kv_cache["k"], kv_cache["v"]), jnp.arange(cfg.num_layers, dtype=jnp.int32), ctx,
                   timestep_proj, cos, sin)
         else:
           new_k, new_v = kv_cache["k"], kv_cache["v"]
           for i in range(cfg.num_layers):
             h, (new_k, new_v) = block_cls(cfg, mask=mask, chunk_at=cache_chunk_at, name=f"blocks_{i}")(
-                h, ctx, timestep_proj, cos, sin, (new_k, new_v), None, None, jnp.int32(i))
+                h, layer_ctx(i), timestep_proj, cos, sin, (new_k, new_v), None, None, jnp.int32(i))
         if cache_write is not None:   # every layer's chunk rows to their slot, after the last layer's read
           commit = lambda c: jax.lax.dynamic_update_slice_in_dim(
               c, jax.lax.dynamic_slice_in_dim(c, cache_chunk_at, num_tokens, axis=2), cache_write, axis=2)
@@ -248,23 +279,26 @@ class WanModel(nn.Module):
         blocks = block_cls(cfg, mask=mask, name="blocks")
         h, (new_k, new_v) = nn.scan(
             _scan_body_cache, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0,) + (nn.broadcast,) * 6, length=cfg.num_layers)(
+            in_axes=(0, ctx_axis) + (nn.broadcast,) * 5, length=cfg.num_layers)(
                 blocks, h, (kv_cache["k"], kv_cache["v"]), ctx, timestep_proj, cos, sin, cache_rope, cache_write)
       else:
         ks, vs = [], []
         for i in range(cfg.num_layers):
           h, (k_i, v_i) = block_cls(cfg, mask=mask, name=f"blocks_{i}")(
-              h, ctx, timestep_proj, cos, sin, (kv_cache["k"][i], kv_cache["v"][i]), cache_rope, cache_write)
+              h, layer_ctx(i), timestep_proj, cos, sin, (kv_cache["k"][i], kv_cache["v"][i]), cache_rope,
+              cache_write)
           ks.append(k_i)
           vs.append(v_i)
         new_k, new_v = jnp.stack(ks), jnp.stack(vs)
     elif cfg.scan_layers:
       blocks = block_cls(cfg, mask=mask, name="blocks")
       h, _ = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast,) * 4, length=cfg.num_layers)(blocks, h, ctx, timestep_proj, cos, sin)
+                     in_axes=(ctx_axis,) + (nn.broadcast,) * 3, length=cfg.num_layers)(blocks, h, ctx, timestep_proj,
+                                                                                        cos, sin)
     else:
       for i in range(cfg.num_layers):
-        h = constrain(block_cls(cfg, mask=mask, name=f"blocks_{i}")(h, ctx, timestep_proj, cos, sin), STREAM_AXES)
+        h = constrain(block_cls(cfg, mask=mask, name=f"blocks_{i}")(h, layer_ctx(i), timestep_proj, cos, sin),
+                      STREAM_AXES)
 
     # --- output head: LayerNorm, (shift, scale) = scale_shift_table + temb, linear, unpatchify; fp32 ---
     table = self.param("scale_shift_table", lambda k, s: jax.random.normal(k, s) / cfg.dim ** 0.5,
