@@ -41,7 +41,7 @@ mkdir -p "$R" "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 nvidia-smi --query-gpu=index,name,memory.total --format=csv
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-TS="python3 benchmarks/train_step.py --critic_steps 1 --min_frames 9"
+TS="python3 benchmarks/train_step.py --critic_steps 1 --min_frames 9 ${TS_ARGS:-}"   # TS_ARGS=--gemm_epilogues: the A/B
 remat() {   # the REMAT policy of recipe $1
   local kv
   case ${REMAT:-full} in

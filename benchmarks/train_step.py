@@ -328,7 +328,7 @@ def markdown(result: dict) -> str:
            f"master params + AdamW + EMA, attention `{result['attention']}`, pattern c{result['chunk'][0]}-"
            f"{result['chunk'][1]}, batch {result['batch']}, {result['text_tokens']} text tokens. MFU = analytic "
            f"model FLOPs (no remat recompute) / step time / {result['peak_tflops']} TFLOP/s per device. Memory per "
-           f"device (the largest over the devices).", "",
+           f"device (the largest over the devices). XLA_FLAGS: `{result.get('xla_flags', '')}`.", "",
            "| recipe | frames | video tokens/step | step (median) | tokens/s | tokens/s/device | model TFLOP/step | MFU | "
            "compiled temp | device peak so far | compile |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for name, r in rows.items():
@@ -374,7 +374,7 @@ def write(args, geo, dev, rows) -> str:
             "dtype": geo["model"]["dtype"], "attention": geo["model"]["attention_impl"], "remat": args.remat,
             "chunk": list(args.chunk), "batch": args.batch, "text_tokens": geo["text_tokens"],
             "peak_tflops": args.peak_tflops, "command": " ".join(sys.argv), "rows": rows,
-            "compile_only": args.compile_only}
+            "compile_only": args.compile_only, "xla_flags": os.environ.get("XLA_FLAGS", "")}
   result["targets"] = targets(rows)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "train_step.json"), "w") as f:
@@ -418,7 +418,13 @@ def main():
                                                     "the weights")
   ap.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                   help="the peak MFU divides by (H100 SXM bf16 dense: 989)")
+  ap.add_argument("--gemm_epilogues", action="store_true",
+                  help="add rcm_jax.xla_flags.GEMM_EPILOGUES to XLA_FLAGS (cuBLASLt bias/GELU epilogues; what "
+                       "`sample` and `play` run with; training keeps XLA's defaults unless this shows a gain)")
   args = ap.parse_args()
+  if args.gemm_epilogues:   # before the first device use: XLA reads XLA_FLAGS once
+    from rcm_jax import xla_flags
+    xla_flags.add(xla_flags.GEMM_EPILOGUES)
   args.frames = args.frames or (4 if args.tiny else 21)
   args.chunk = tuple(int(v) for v in (args.chunk or ("2,2" if args.tiny else "3,3")).split(","))
   args.critic_steps = args.critic_steps or (1 if args.tiny else 5)
