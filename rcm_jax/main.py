@@ -34,7 +34,7 @@ def main(argv):
   _check_flags(argv[1])
   if argv[1] == "convert":
     return _convert()
-  if argv[1] in ("sample", "play") and flags.FLAGS.config.sample.get("gemm_epilogues", True):
+  if argv[1] in ("sample", "play") and flags.FLAGS.config.get("sample", {}).get("gemm_epilogues", True):
     from rcm_jax import xla_flags   # before any backend starts: XLA reads XLA_FLAGS once
     xla_flags.add(xla_flags.GEMM_EPILOGUES)
   from rcm_jax.parallel import distributed
