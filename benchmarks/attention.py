@@ -296,8 +296,8 @@ def mosaic_bwd_tune(log, results, cases=("dense:16384", "tf:21:3")):
   default pair. Rates count the backward as 2.5x the forward FLOPs, masked work by density."""
   from pallas_kernels import kernels, mosaic  # noqa: PLC0415
   from pallas_kernels.attention import _pad, _Plan  # noqa: PLC0415
-  cfgs = (mosaic.MosaicBwdConfig(), mosaic.MosaicBwdConfig(dq_block_k=128),
-          mosaic.MosaicBwdConfig(dq_stages=3, dkdv_stages=3))
+  cfgs = (mosaic.MosaicBwdConfig(), mosaic.MosaicBwdConfig(pingpong=True), mosaic.MosaicBwdConfig(dq_block_k=128),
+          mosaic.MosaicBwdConfig(dq_block_k=128, pingpong=True))
   for case in cases:
     mask = _case_mask(case)
     L = mask.shape[0]

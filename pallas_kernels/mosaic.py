@@ -327,11 +327,34 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
 @dataclasses.dataclass(frozen=True)
 class MosaicBwdConfig:
   """dq_block_k: the dq kernel's key tile; dkdv_block_q: the dk/dv kernel's query tile (multiples of 64);
-  stages: ring depths of the two kernels."""
+  stages: ring depths of the two kernels. pingpong: the forward's schedule for the two consumer warpgroups
+  (one's elementwise work under the other's matmuls: a shared barrier pairs each one's matmul issue with the
+  other's elementwise end, warpgroup 1 starting one phase late); off until a GPU run shows it faster."""
   dq_block_k: int = 64
   dq_stages: int = 2
   dkdv_block_q: int = 64
   dkdv_stages: int = 2
+  pingpong: bool = False
+
+
+def _pingpong(plgpu, pl, sched_bar, wg, on: bool):
+  """(sync, handoff, start, end) of the two consumer warpgroups' ping-pong (all no-ops when off).
+  sync: arrive and wait (after issuing a matmul); handoff(*values): the elementwise results pinned in place,
+  then arrive, then wait for the other warpgroup's matmul issue; start / end: warpgroup 1's first and
+  warpgroup 0's last phase, so each completes as many barrier phases as the other."""
+  if not on:
+    return (lambda: None), (lambda *v: v), (lambda: None), (lambda: None)
+
+  def sync():
+    plgpu.barrier_arrive(sched_bar)
+    plgpu.barrier_wait(sched_bar)
+
+  def handoff(*values):
+    values = lax.optimization_barrier(values)
+    sync()
+    return values
+
+  return sync, handoff, (lambda: pl.when(wg == 1)(sync)), (lambda: pl.when(wg == 0)(sync))
 
 
 def _mma_into(acc, a, b_smem, a_smem, *, plgpu, pl, regs):
@@ -350,7 +373,8 @@ def _mma(a_smem, b_smem, shape, *, plgpu, pl):
 
 
 def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, smem, bars, free_bars, *, plgpu, pl, scale, scale2, width, block_k, stages, group, n_iv, regs):
+               dq_ref, smem, bars, free_bars, sched_bar, *, plgpu, pl, scale, scale2, width, block_k, stages, group,
+               n_iv, regs, pingpong):
   q_smem2, do_smem2, lse_smem2, delta_smem2, iv_smem2, k_smem, v_smem, *ds_smem2 = smem
   k_bars, v_bars, in_bars = bars  # in_bars [5 * COMPUTE_WGS]: q, do, lse, delta, iv per consumer
   k_free, v_free = free_bars
@@ -358,6 +382,7 @@ def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref,
   dtype = q_ref.dtype
   b, h, qi, wg, base, n_p, n = _program(order_ref, npart_ref, nfull_ref, width, "q_seq")
   mm = dict(plgpu=plgpu, pl=pl)
+  sync, handoff, start, end = _pingpong(plgpu, pl, sched_bar, wg, pingpong)
 
   @pl.when(wg < COMPUTE_WGS)
   def _consumer():
@@ -378,6 +403,7 @@ def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref,
     ivs = [(plgpu.load(iv_smem2.at[wg, r], layout=row), plgpu.load(iv_smem2.at[wg, n_iv + r], layout=row))
            for r in range(n_iv)]
     dq = plgpu.layout_cast(jnp.zeros((bq, q_ref.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
+    start()
 
     def step(j, dq, masked):
       slot = lax.rem(j, stages)
@@ -387,6 +413,7 @@ def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref,
       def s_dp(s_ref, dp_ref):
         plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
         plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
+        sync()
         return s_ref[...], dp_ref[...]
 
       s, dp = pl.run_scoped(s_dp, plgpu.ACC((bq, block_k), jnp.float32), plgpu.ACC((bq, block_k), jnp.float32))
@@ -395,14 +422,15 @@ def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref,
       if masked:
         cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
         p = _keep_intervals(p, cols + tiles_ref[base + j] * block_k, ivs, 0.0, per_row=True)
-      ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
-      dq = _mma_into(dq, ds.astype(dtype), k_smem.at[slot], ds_smem2[0].at[wg] if ds_smem2 else None,
-                     regs=regs, **mm)
+      ds = (p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))).astype(dtype)
+      dq, ds = handoff(dq, ds)
+      dq = _mma_into(dq, ds, k_smem.at[slot], ds_smem2[0].at[wg] if ds_smem2 else None, regs=regs, **mm)
       plgpu.barrier_arrive(k_free.at[slot])
       return dq
 
     dq = lax.fori_loop(0, n_p, functools.partial(step, masked=True), dq)
     dq = lax.fori_loop(n_p, n, functools.partial(step, masked=False), dq)
+    end()
     q_smem[...] = (dq * scale).astype(dtype)  # the last wgmma reading q_smem has completed
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
@@ -419,8 +447,8 @@ def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref,
 
 
 def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                 dk_ref, dv_ref, smem, bars, free_bars, *, plgpu, pl, scale, scale2, width, block_q, stages,
-                 group, n_iv, regs):
+                 dk_ref, dv_ref, smem, bars, free_bars, sched_bar, *, plgpu, pl, scale, scale2, width, block_q,
+                 stages, group, n_iv, regs, pingpong):
   k_smem2, v_smem2, q_ring, do_ring, lse_ring, delta_ring, iv_ring, *a_smem2 = smem
   kv_bars, ring_bars = bars  # kv_bars [2 * COMPUTE_WGS]: k, v per consumer; ring_bars: q, do, lse, delta, iv
   (free,) = free_bars
@@ -428,6 +456,7 @@ def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_re
   dtype = q_ref.dtype
   b, h, ki, wg, base, n_p, n = _program(order_ref, npart_ref, nfull_ref, width, "k_seq")
   mm = dict(plgpu=plgpu, pl=pl)
+  sync, handoff, start, end = _pingpong(plgpu, pl, sched_bar, wg, pingpong)
 
   @pl.when(wg < COMPUTE_WGS)
   def _consumer():
@@ -445,13 +474,19 @@ def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_re
     d = q_ref.shape[-1]
     zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
     a_smem = a_smem2[0].at[wg] if a_smem2 else None
+    start()
 
     def step(j, carry, masked):
       dk, dv = carry
       slot = lax.rem(j, stages)
       for bar in ring_bars:  # every barrier every step: the wait parity is tracked per barrier
         plgpu.barrier_wait(bar.at[slot])
-      st = _mma(k_smem, q_ring.at[slot].transpose((1, 0)), (bk, block_q), **mm)  # S^T [64 keys, bq]
+      def s_t(r):  # S^T [64 keys, bq]
+        plgpu.wgmma(r, k_smem, q_ring.at[slot].transpose((1, 0)))
+        sync()
+        return r[...]
+
+      st = pl.run_scoped(s_t, plgpu.ACC((bk, block_q), jnp.float32))
       lse = plgpu.load(lse_ring.at[slot], layout=col)
       pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse, st.shape, [1]))
       if masked:
@@ -459,6 +494,7 @@ def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_re
         ivs = [(plgpu.load(iv_ring.at[slot, r], layout=col), plgpu.load(iv_ring.at[slot, n_iv + r], layout=col))
                for r in range(n_iv)]
         pt = _keep_intervals(pt, keys, ivs, 0.0, per_row=False)
+      dk, dv, pt = handoff(dk, dv, pt)
       if regs:  # dV += P^T dO and dP^T = V dO^T in one region: one wgmma wait for both
         def dv_dpt(refs):
           plgpu.wgmma(refs[0], pt.astype(dtype), do_ring.at[slot])
@@ -476,6 +512,7 @@ def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_re
 
     carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), (zeros, zeros))
     dk, dv = lax.fori_loop(n_p, n, functools.partial(step, masked=False), carry)
+    end()
     k_smem[...] = (dk * scale).astype(dtype)
     v_smem[...] = dv.astype(dtype)
     plgpu.commit_smem()
@@ -523,7 +560,8 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
   regs = interpret is None
   smem_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   tile = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=smem_tf)
-  common = dict(plgpu=plgpu, pl=pl, scale=sm_scale, scale2=sm_scale * LOG2E, group=group, regs=regs)
+  common = dict(plgpu=plgpu, pl=pl, scale=sm_scale, scale2=sm_scale * LOG2E, group=group, regs=regs,
+                pingpong=cfg.pingpong)
   launch = dict(num_threads=COMPUTE_WGS + 1, thread_name="wg",
                 compiler_params=plgpu.CompilerParams(approx_math=True),
                 **({} if interpret is None else dict(interpret=interpret)))
@@ -537,6 +575,7 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
       + (() if regs else (plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, bk), q.dtype),)),
       (plgpu.Barrier(num_barriers=st), plgpu.Barrier(num_barriers=st), plgpu.Barrier(num_barriers=5 * COMPUTE_WGS)),
       (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st),) * 2,
+      plgpu.Barrier(num_arrivals=COMPUTE_WGS),   # the ping-pong's (unused when off)
   ]
   dq = plgpu.kernel(
       functools.partial(_dq_kernel, width=dq_width, block_k=bk, stages=st, n_iv=n_iv, **common),
@@ -552,6 +591,7 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
       + (() if regs else (plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, bq), q.dtype),)),
       (plgpu.Barrier(num_barriers=2 * COMPUTE_WGS), (plgpu.Barrier(num_barriers=st),) * 5),
       (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st),),
+      plgpu.Barrier(num_arrivals=COMPUTE_WGS),
   ]
   dk, dv = plgpu.kernel(
       functools.partial(_dkdv_kernel, width=kv_width, block_q=bq, stages=st, n_iv=n_iv, **common),

@@ -378,11 +378,12 @@ def _lowering_case(d, heads):
           jax.ShapeDtypeStruct((1, lq, heads[1], d), jnp.bfloat16))
 
 
-@pytest.mark.parametrize("d,heads", [(128, (4, 2)), (64, (2, 2))])
-def test_mosaic_backward_lowers_for_hopper(d, heads):
+@pytest.mark.parametrize("d,heads,pingpong", [(128, (4, 2), False), (64, (2, 2), False), (128, (4, 2), True)])
+def test_mosaic_backward_lowers_for_hopper(d, heads, pingpong):
   mask, lq, q, kv = _lowering_case(d, heads)
   lse = jax.ShapeDtypeStruct((1, heads[0], lq), jnp.float32)
-  fn = jax.jit(lambda q, k, v, o, lse, do: mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=d ** -0.5))
+  cfg = mosaic.MosaicBwdConfig(pingpong=pingpong)
+  fn = jax.jit(lambda q, k, v, o, lse, do: mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=d ** -0.5, cfg=cfg))
   assert "mosaic_gpu" in fn.trace(q, kv, kv, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
   dq, dk, dv = jax.eval_shape(fn, q, kv, kv, q, lse, q)
   assert dq.shape == q.shape and dk.shape == dv.shape == kv.shape and dq.dtype == dk.dtype == jnp.bfloat16
@@ -487,10 +488,12 @@ def test_flash_attention_stacked_reads_one_entry_and_rejects_bad_stacks():
     pk.flash_attention_stacked(q, ks[:, :, :32], vs[:, :, :32], 0, mask)
 
 
-def test_mosaic_backward_in_gpu_interpreter():
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_mosaic_backward_in_gpu_interpreter(pingpong):
   """dq and dk/dv kernels in jax's Mosaic GPU interpreter: grouped heads, ragged lengths, rows with no
   allowed key (a whole query tile of them), keys no row may see (a whole key tile), several intervals per
-  row, more tiles than ring slots; against float64 gradients."""
+  row, more tiles than ring slots; against float64 gradients. pingpong: the two consumer warpgroups'
+  alternating schedule (a barrier phase count that differs between them would hang or fail here)."""
   plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
   if not hasattr(plgpu, "InterpretGPUParams"):
     pytest.skip("this jax has no Mosaic GPU interpreter")
@@ -506,7 +509,8 @@ def test_mosaic_backward_in_gpu_interpreter():
   # a sharp softmax (scale 0.3 > 64 ** -0.5): o is close to one value row, so delta = rowsum(dO * o) is as
   # large as dP and an error in its term shows in the gradients
   o, lse = mosaic.forward(q, k, v, mask, sm_scale=0.3, interpret=interp)
-  grads = mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=0.3, interpret=interp)
+  grads = mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=0.3, interpret=interp,
+                          cfg=mosaic.MosaicBwdConfig(pingpong=pingpong))
   ref, run = _ref64(mask, sm_scale=0.3)
   want = run(lambda q, k, v, do: jax.vjp(ref, q, k, v)[1](do), q, k, v, do)
   for name, got, w in zip(("dq", "dk", "dv"), grads, want):
