@@ -6,6 +6,8 @@
       # Mosaic GPU kernels (Hopper) beside Mosaic fwd + Triton bwd, Triton and cuDNN in the same process
   python benchmarks/attention.py --mosaic-jvp-tune   # the fused forward+JVP alone: Mosaic vs Triton
   python benchmarks/attention.py --mosaic-bwd-tune   # the backward kernels alone: Mosaic configs vs Triton
+                                                     # (with and without the consumers' ping-pong)
+  python benchmarks/attention.py --mosaic-persistent-tune   # the forward: one CTA per tile vs persistent CTAs
 
 Reports TFLOP/s at B=1, H=12, D=128, bf16 for forward, forward+backward and forward+JVP, dense and with
 the Wan teacher-forcing mask (1560 tokens per latent frame, frame-wise c1-1 and chunk-wise c3-3), beside
@@ -272,6 +274,22 @@ def mosaic_tune(log, results, L=16384):
     log(f"mosaic tune L={L} block_k={bk:3d} stages={stages}: {t*1e3:8.3f} ms {tf:7.1f} TFLOP/s")
 
 
+def mosaic_persistent_tune(log, results, cases=("dense:4096", "dense:16384", "tf:5:1", "tf:6:3", "tf:21:3"),
+                           ctas=(0, 132, 264)):
+  """The Mosaic forward alone with one CTA per work item (0) and with persistent CTAs (132: one per H100 SM),
+  dense and under teacher-forcing masks whose rows see few key tiles (15,600 and 18,720 tokens). Rates count
+  masked work by density."""
+  from pallas_kernels import mosaic  # noqa: PLC0415
+  for case in cases:
+    mask = _case_mask(case)
+    L = mask.shape[0]
+    q, k, v = inputs(L, L)[:3]
+    runs = [(f"persistent_ctas={n}", jax.jit(lambda q, k, v, n=n: mosaic.forward(
+        q, k, v, mask, sm_scale=D ** -0.5, cfg=mosaic.MosaicConfig(persistent_ctas=n)))) for n in ctas]
+    flops = 4.0 * B * H * L * L * D * mask.density()
+    _time_runs(log, results, f"fwd persistent {case}", "fwd", runs, (q, k, v), flops)
+
+
 def _case_mask(case: str) -> Mask:
   """"dense:L" or "tf:FRAMES:CHUNK" (a teacher-forcing mask) -> the Mask."""
   kind, *rest = case.split(":")
@@ -420,6 +438,8 @@ def main():
                   help="time the Mosaic kernels with tiles in index order and heaviest first")
   ap.add_argument("--mosaic-bwd-tune", action="store_true",
                   help="time the backward kernels alone: Mosaic configs beside the Triton pair")
+  ap.add_argument("--mosaic-persistent-tune", action="store_true",
+                  help="time the Mosaic forward with one CTA per work item and with persistent CTAs")
   ap.add_argument("--check-only", default="", help="comma-separated substrings of the --check case names to run")
   ap.add_argument("--check-no-jvp", action="store_true", help="--check: forward and gradients only")
   ap.add_argument("--skip-scm", action="store_true", help="leave out the sCM/checkpoint case of --check")
@@ -443,12 +463,14 @@ def main():
     ok = check(log, scm=not args.skip_scm, only=[c for c in args.check_only.split(",") if c],
                jvp=not args.check_no_jvp)
   if (args.bench or args.tune or args.tune2 or args.mosaic_tune or args.mosaic_bwd_tune or args.mosaic_jvp_tune
-      or args.mosaic_order):
+      or args.mosaic_order or args.mosaic_persistent_tune):
     matmul_peak(log)
   if args.mosaic_tune:
     mosaic_tune(log, results)
   if args.mosaic_bwd_tune:
     mosaic_bwd_tune(log, results)
+  if args.mosaic_persistent_tune:
+    mosaic_persistent_tune(log, results)
   if args.mosaic_jvp_tune:
     mosaic_jvp_tune(log, results)
   if args.mosaic_order:

@@ -16,6 +16,8 @@ memory, fp32 accumulators in registers), base-2 softmax statistics in fp32, then
 from registers. A shared "schedule" barrier staggers the two consumers so one's softmax overlaps the
 other's matmuls. Partial tiles apply the element mask from the schedule's per-row key intervals
 (`starts/ends [R, Lq]`: R compare-and-selects against a column iota); full tiles run no mask code.
+`MosaicConfig(persistent_ctas=N)` launches N CTAs instead, each taking every N-th work item in turn, the ring's
+slots counted on across items (`_forward_items`).
 
 Numerics match `kernels.forward`: masked logits are -inf, the running max starts at the finite
 `MASK_VALUE` (so a row with nothing allowed yet keeps p = 0, never NaN), fully masked rows give o = 0 and
@@ -48,9 +50,14 @@ COMPUTE_WGS = 2
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-  """block_k: key tile (a multiple of 64); stages: K/V shared-memory ring depth (>= 2)."""
+  """block_k: key tile (a multiple of 64); stages: K/V shared-memory ring depth (>= 2).
+  persistent_ctas: 0 launches one CTA per (head, query tile, batch); N > 0 launches N CTAs (an H100 has 132
+  SMs) that each take every N-th of those work items in the heaviest-first order, and whose producer runs on
+  into the next item's K/V while the consumers finish the last one (its epilogue, the next Q load). Meant for
+  masks whose rows see few key tiles, where each CTA's fixed costs weigh; off until a GPU run shows a gain."""
   block_k: int = 128
   stages: int = 2
+  persistent_ctas: int = 0
 
   @property
   def block_q(self) -> int:
@@ -125,16 +132,17 @@ def _program(order_ref, npart_ref, nfull_ref, width, tile_axis):
           n_p + nfull_ref[tile])
 
 
-def _produce(plgpu, pl, n, stages, streams):
+def _produce(plgpu, pl, n, stages, streams, offset=0):
   """The producer warpgroup's loop: for each of the n tiles of a schedule, TMA-copy every stream's tile into
-  its ring slot j % stages. streams: [(src(j) -> gmem view, smem ring [stages, ...], full barriers [stages],
-  free barriers [stages] or None)]; a stream waits its free barrier (the consumers are done with the slot)
-  before reusing a slot; None shares the previous stream's wait."""
+  its ring slot (offset + j) % stages. streams: [(src(j) -> gmem view, smem ring [stages, ...], full barriers
+  [stages], free barriers [stages] or None)]; a stream waits its free barrier (the consumers are done with the
+  slot) before reusing a slot; None shares the previous stream's wait. offset: tiles the ring has carried
+  before (a persistent CTA's earlier work items)."""
   def issue(j, carry):
-    slot = lax.rem(j, stages)
+    slot = lax.rem(offset + j, stages)
     for src, ring, full, free in streams:
       if free is not None:
-        @pl.when(j >= stages)
+        @pl.when(offset + j >= stages)
         def _():
           plgpu.barrier_wait(free.at[slot])
       plgpu.copy_gmem_to_smem(src(j), ring.at[slot], full.at[slot])
@@ -143,10 +151,38 @@ def _produce(plgpu, pl, n, stages, streams):
   lax.fori_loop(0, n, issue, None)
 
 
+def _forward_items(order_ref, npart_ref, nfull_ref, width, persistent_ctas, num_heads, num_tiles, batch):
+  """(count, item): this CTA's work items, item(i) -> (batch, head, tile, offset of the tile's list, partial and
+  total tile counts). One item from the grid position, or (persistent) items cta, cta + N, ... of the
+  launch order: heads fastest, then query tiles heaviest first, then batch, as the grid launches them."""
+  if not persistent_ctas:
+    b, h, tile, _, base, n_p, n = _program(order_ref, npart_ref, nfull_ref, width, "q_seq")
+    return 1, lambda i: (b, h, tile, base, n_p, n)
+  cta, total = lax.axis_index("cta"), num_heads * num_tiles * batch
+
+  def item(i):
+    t = cta + i * persistent_ctas
+    h, rest = lax.rem(t, num_heads), lax.div(t, num_heads)
+    tile = order_ref[lax.rem(rest, num_tiles)]
+    n_p = npart_ref[tile]
+    return lax.div(rest, num_tiles), h, tile, tile * width, n_p, n_p + nfull_ref[tile]
+
+  return lax.div(total - cta + persistent_ctas - 1, persistent_ctas), item
+
+
+def _over_items(count, item_fn):
+  """item_fn(i, g) -> g + tiles for each work item i; g counts the ring's tiles so far (a Python call for one)."""
+  if isinstance(count, int) and count == 1:
+    item_fn(0, 0)
+  else:
+    lax.fori_loop(0, count, item_fn, jnp.int32(0))
+
+
 def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
             smem, bars, free_bars, sched_bar, *, plgpu, pl, scale2, width, block_k, stages, group, n_iv,
-            regs=True):
-  """One CTA: 2 consumer warpgroups x 64 query rows, 1 producer warpgroup (see module docstring).
+            regs=True, persistent_ctas=0, num_tiles=0):
+  """One CTA: 2 consumer warpgroups x 64 query rows, 1 producer warpgroup (see module docstring); one work item
+  (head, query tile, batch), or several in turn (persistent_ctas, `_forward_items`).
 
   regs=False is the CPU-interpreter variant: no register reallocation, and P V goes to a fresh
   accumulator that is then added (the interpreter lacks those two primitives); barriers, copies, the
@@ -156,7 +192,9 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_re
   k_free, v_free = free_bars
   bq, d = ROWS_PER_WG, q_ref.shape[-1]
   dtype = q_ref.dtype
-  b, h, qi, wg, base, n_p, n = _program(order_ref, npart_ref, nfull_ref, width, "q_seq")
+  wg = lax.axis_index("wg")
+  count, item = _forward_items(order_ref, npart_ref, nfull_ref, width, persistent_ctas, q_ref.shape[2], num_tiles,
+                               q_ref.shape[0] if persistent_ctas else 0)
 
   def sched_sync():
     plgpu.barrier_arrive(sched_bar)
@@ -168,90 +206,102 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_re
       plgpu.set_max_registers(232, action="increase")
     qo_smem = qo_smem2.at[wg]
     lse_smem = lse_smem2.at[wg]
-    q0 = qi * (COMPUTE_WGS * bq) + wg * bq
-    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], qo_smem, q_bars.at[wg])
-    plgpu.copy_gmem_to_smem(iv_ref.at[:, pl.ds(q0, bq)], iv_smem2.at[wg], iv_bars.at[wg])
-    row = plgpu.Layout.WGMMA.reduce(1)
-    plgpu.barrier_wait(iv_bars.at[wg])
-    ivs = [(plgpu.load(iv_smem2.at[wg, r], layout=row), plgpu.load(iv_smem2.at[wg, n_iv + r], layout=row))
-           for r in range(n_iv)]  # (start, end) per row, [64] int32 each
-    plgpu.barrier_wait(q_bars.at[wg])
 
-    m = plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), row)
-    l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row)
-    acc = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA)
+    def one_item(i, g):
+      b, h, qi, base, n_p, n = item(i)
+      q0 = qi * (COMPUTE_WGS * bq) + wg * bq
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], qo_smem, q_bars.at[wg])
+      plgpu.copy_gmem_to_smem(iv_ref.at[:, pl.ds(q0, bq)], iv_smem2.at[wg], iv_bars.at[wg])
+      row = plgpu.Layout.WGMMA.reduce(1)
+      plgpu.barrier_wait(iv_bars.at[wg])
+      ivs = [(plgpu.load(iv_smem2.at[wg, r], layout=row), plgpu.load(iv_smem2.at[wg, n_iv + r], layout=row))
+             for r in range(n_iv)]  # (start, end) per row, [64] int32 each
+      plgpu.barrier_wait(q_bars.at[wg])
 
-    @pl.when(n > 0)
-    def _():
-      plgpu.barrier_wait(k_bars.at[0])
+      m = plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32), row)
+      l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row)
+      acc = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA)
 
-    pl.when(wg == 1)(sched_sync)
+      @pl.when(n > 0)
+      def _():
+        plgpu.barrier_wait(k_bars.at[lax.rem(g, stages)])
 
-    def step(j, carry, masked):
-      acc, m, l = carry
-      slot = lax.rem(j, stages)
+      pl.when(wg == 1)(sched_sync)
 
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-        sched_sync()
-        return acc_ref[...]
+      def step(j, carry, masked):
+        acc, m, l = carry
+        slot = lax.rem(g + j, stages)
 
-      s = pl.run_scoped(qk, plgpu.ACC((bq, block_k), jnp.float32))  # [64, bk] raw logits
-      plgpu.barrier_arrive(k_free.at[slot])
-      if masked:
-        cols = plgpu.broadcasted_iota(jnp.int32, (bq, block_k), 1, layout=plgpu.Layout.WGMMA)
-        s = _keep_intervals(s, cols + tiles_ref[base + j] * block_k, ivs, -jnp.inf, per_row=True)
-      m_new = jnp.maximum(m, s.max(axis=1) * scale2)
-      alpha = jnp.exp2(m - m_new)
-      p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-      l = l * alpha + p.sum(axis=1)
-      p16 = p.astype(dtype)
-      acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-      plgpu.barrier_arrive(sched_bar)  # softmax done
-      plgpu.barrier_wait(v_bars.at[slot])
-      plgpu.barrier_wait(sched_bar)  # the other warpgroup has issued its matmul
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+          sched_sync()
+          return acc_ref[...]
 
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p16 if regs else p_smem2[0].at[wg], v_smem.at[slot])
-        nxt = j + 1
+        s = pl.run_scoped(qk, plgpu.ACC((bq, block_k), jnp.float32))  # [64, bk] raw logits
+        plgpu.barrier_arrive(k_free.at[slot])
+        if masked:
+          cols = plgpu.broadcasted_iota(jnp.int32, (bq, block_k), 1, layout=plgpu.Layout.WGMMA)
+          s = _keep_intervals(s, cols + tiles_ref[base + j] * block_k, ivs, -jnp.inf, per_row=True)
+        m_new = jnp.maximum(m, s.max(axis=1) * scale2)
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l = l * alpha + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+        plgpu.barrier_arrive(sched_bar)  # softmax done
+        plgpu.barrier_wait(v_bars.at[slot])
+        plgpu.barrier_wait(sched_bar)  # the other warpgroup has issued its matmul
 
-        @pl.when(nxt < n)
-        def _():
-          plgpu.barrier_wait(k_bars.at[lax.rem(nxt, stages)])
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16 if regs else p_smem2[0].at[wg], v_smem.at[slot])
+          nxt = j + 1
 
-      if regs:  # accumulate into the running O in place
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      else:  # CPU interpreter: no run_state rule and no register A operand, so P goes through shared
-        # memory and P V into a fresh accumulator that is then added
-        p_smem2[0].at[wg][...] = p16
-        plgpu.commit_smem()
-        acc = acc + pl.run_scoped(lambda r: (pv(r), r[...])[1], plgpu.ACC((bq, d), jnp.float32))
-      plgpu.barrier_arrive(v_free.at[slot])
-      return acc, m_new, l
+          @pl.when(nxt < n)
+          def _():
+            plgpu.barrier_wait(k_bars.at[lax.rem(g + nxt, stages)])
 
-    carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), (acc, m, l))
-    acc, m, l = lax.fori_loop(n_p, n, functools.partial(step, masked=False), carry)
-    pl.when(wg == 0)(sched_sync)
+        if regs:  # accumulate into the running O in place
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        else:  # CPU interpreter: no run_state rule and no register A operand, so P goes through shared
+          # memory and P V into a fresh accumulator that is then added
+          p_smem2[0].at[wg][...] = p16
+          plgpu.commit_smem()
+          acc = acc + pl.run_scoped(lambda r: (pv(r), r[...])[1], plgpu.ACC((bq, d), jnp.float32))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l
 
-    l_safe = jnp.maximum(l, 1e-30)  # l == 0 only on fully masked rows, whose acc is 0 too
-    acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
-    qo_smem[...] = acc.astype(dtype)
-    lse_smem[...] = jnp.where(l > 0.0, m + jnp.log(l_safe) * LOG2E, BIG)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q0, bq), h])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q0, bq)])
-    plgpu.wait_smem_to_gmem(0)
+      carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), (acc, m, l))
+      acc, m, l = lax.fori_loop(n_p, n, functools.partial(step, masked=False), carry)
+      pl.when(wg == 0)(sched_sync)
+
+      l_safe = jnp.maximum(l, 1e-30)  # l == 0 only on fully masked rows, whose acc is 0 too
+      acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+      qo_smem[...] = acc.astype(dtype)
+      lse_smem[...] = jnp.where(l > 0.0, m + jnp.log(l_safe) * LOG2E, BIG)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q0, bq), h])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q0, bq)])
+      plgpu.wait_smem_to_gmem(0)   # (also: the next item's Q load may overwrite qo_smem)
+      return g + n
+
+    _over_items(count, one_item)
 
   @pl.when(wg == COMPUTE_WGS)
   def _producer():
     if regs:
       plgpu.set_max_registers(40, action="decrease")
-    kv_head = lax.div(h, jnp.array(group, h.dtype))
-    kv_b = b + kv_row_ref[0]   # k/v row of this batch entry: b, or index * B into a stack (`forward(kv_index=)`)
-    rows = lambda j: (kv_b, pl.ds(tiles_ref[base + j] * block_k, block_k), kv_head)
-    _produce(plgpu, pl, n, stages, [(lambda j: k_ref.at[rows(j)], k_smem, k_bars, k_free),
-                                    (lambda j: v_ref.at[rows(j)], v_smem, v_bars, v_free)])
+
+    def one_item(i, g):
+      b, h, _, base, _, n = item(i)
+      kv_head = lax.div(h, jnp.array(group, h.dtype))
+      kv_b = b + kv_row_ref[0]   # k/v row of this batch entry: b, or index * B into a stack (`forward(kv_index=)`)
+      rows = lambda j: (kv_b, pl.ds(tiles_ref[base + j] * block_k, block_k), kv_head)
+      _produce(plgpu, pl, n, stages, [(lambda j: k_ref.at[rows(j)], k_smem, k_bars, k_free),
+                                      (lambda j: v_ref.at[rows(j)], v_smem, v_bars, v_free)], offset=g)
+      return g + n
+
+    _over_items(count, one_item)
 
 
 def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicConfig(), interpret=None,
@@ -294,15 +344,21 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
       (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
       plgpu.Barrier(num_arrivals=COMPUTE_WGS),
   ]
+  num_tiles = lq_m // cfg.block_q
   kernel = functools.partial(_kernel, plgpu=plgpu, pl=pl, scale2=sm_scale * LOG2E, width=width,
                              block_k=cfg.block_k, stages=stages, group=h // hkv, n_iv=n_iv,
-                             regs=interpret is None)
+                             regs=interpret is None, persistent_ctas=cfg.persistent_ctas, num_tiles=num_tiles)
+  if cfg.persistent_ctas:
+    grid, names = (min(cfg.persistent_ctas, h * num_tiles * b),), ("cta",)
+    kernel = functools.partial(kernel, persistent_ctas=grid[0])
+  else:
+    grid, names = (h, num_tiles, b), ("heads", "q_seq", "batch")
   o, lse = plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct((b, lq_m, h, d), q.dtype), jax.ShapeDtypeStruct((b, h, lq_m), jnp.float32)],
       scratch_types=scratch,
-      grid=(h, lq_m // cfg.block_q, b),
-      grid_names=("heads", "q_seq", "batch"),
+      grid=grid,
+      grid_names=names,
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),

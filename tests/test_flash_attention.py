@@ -402,10 +402,11 @@ def test_mosaic_forward_jvp_lowers_for_hopper(present):
   assert o.shape == to.shape == q.shape and o.dtype == to.dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("d,heads", [(128, (4, 2)), (64, (2, 2))])
-def test_mosaic_forward_lowers_for_hopper(d, heads):
+@pytest.mark.parametrize("d,heads,ctas", [(128, (4, 2), 0), (64, (2, 2), 0), (128, (4, 2), 132)])
+def test_mosaic_forward_lowers_for_hopper(d, heads, ctas):
   mask, lq, q, kv = _lowering_case(d, heads)
-  fn = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=d ** -0.5))
+  cfg = mosaic.MosaicConfig(persistent_ctas=ctas)
+  fn = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=d ** -0.5, cfg=cfg))
   text = fn.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
   out = jax.eval_shape(fn, q, kv, kv)
@@ -450,6 +451,30 @@ def test_mosaic_forward_in_gpu_interpreter():
   ref_lse = np.log2(np.exp2(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
   np.testing.assert_allclose(np.asarray(lse)[:, :, 20:], ref_lse, rtol=1e-5, atol=1e-4)
   assert np.all(np.asarray(lse)[:, :, :20] >= 1e29)  # lse2 = BIG on fully masked rows (backward reads it)
+
+
+def test_mosaic_persistent_forward_in_gpu_interpreter():
+  """persistent_ctas: 3 CTAs take the 16 work items (2 batch x 2 heads x 4 query tiles) in turn, 6/5/5 each,
+  one tile's rows allowing nothing (an item with no key tile); the ring's slots carry on across items. The same
+  o and lse as one CTA per item, bit for bit, and the float64 reference's o."""
+  plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  if not hasattr(plgpu, "InterpretGPUParams"):
+    pytest.skip("this jax has no Mosaic GPU interpreter")
+  rng = np.random.default_rng()
+  lq, lk = int(rng.integers(390, 420)), int(rng.integers(280, 380))
+  e = int(rng.integers(130, 150))   # rows [0, e): nothing allowed, so query tile 0 computes no key tile
+  mask = Mask.from_ranges(lq, lk, [(e, lq, 0, int(rng.integers(40, 120))), (e, lq // 2, 130, 260),
+                                   (lq // 2, lq, 200, lk)])
+  q, k, v = _inputs(rng, 2, lq, lk, 2, 1, 64, jnp.bfloat16)
+  interp = plgpu.InterpretGPUParams()
+  o, lse = mosaic.forward(q, k, v, mask, sm_scale=0.125, interpret=interp,
+                          cfg=mosaic.MosaicConfig(persistent_ctas=3))
+  o1, lse1 = mosaic.forward(q, k, v, mask, sm_scale=0.125, interpret=interp)
+  np.testing.assert_array_equal(np.asarray(o), np.asarray(o1))
+  np.testing.assert_array_equal(np.asarray(lse), np.asarray(lse1))
+  ref, run = _ref64(mask, sm_scale=0.125)
+  assert _rel(o, run(ref, q, k, v)) < TOL[jnp.bfloat16]
+  assert np.all(np.asarray(o)[:, :e] == 0)
 
 
 def test_mosaic_forward_reads_one_entry_of_a_kv_stack_in_gpu_interpreter():
