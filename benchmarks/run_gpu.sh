@@ -21,6 +21,8 @@
 #                 adds the Wan VAE decoding each chunk, STREAM_ARGS=--no-gemm_epilogues drops the XLA GEMM flags
 #   sfdmd1        one GPU: train_step.py SF-DMD alone
 #   cm1           one GPU: train_step.py TF-dCM + TF-sCM under each remat policy of POLICIES (default attention_out_only)
+#   kern1         one GPU: attention.py --mosaic-bwd-tune --mosaic-persistent-tune (the backward kernels with and
+#                 without the consumers' ping-pong, the forward with one CTA per tile and with persistent CTAs)
 # N GPUs (GPUS=4 or 8; RECIPES= picks the recipes, default tf_scm,sf_dmd), one video per GPU:
 #   base1         train_step.py on one GPU, the same-machine baseline for the efficiencies: each recipe of RECIPES
 #                 on its own card (GPU 0, 1, ...), side by side
@@ -95,6 +97,10 @@ for arg in "$@"; do
           > $OUT/cm_$pol.log 2>&1
         tail -n 14 $OUT/cm_$pol.log
       done ;;
+    kern1)
+      on 0 timeout -k 10 "$t" python3 benchmarks/attention.py --mosaic-bwd-tune --mosaic-persistent-tune \
+        --out $R/kern > $OUT/kern1.log 2>&1
+      tail -n 40 $OUT/kern1.log ;;
     sfdmd1)
       on 0 timeout -k 10 "$t" $TS --out $R/sfdmd1 --recipes sf_dmd --iters 3 > $OUT/sfdmd1.log 2>&1
       tail -n 25 $OUT/sfdmd1.log ;;
