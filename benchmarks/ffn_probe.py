@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rcm_jax.models.config import get_config
-from rcm_jax.models.layers import FeedForward
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from rcm_jax.models.config import get_config  # noqa: E402
+from rcm_jax.models.layers import FeedForward  # noqa: E402
 
 
 def _median_ms(fn, *args, iters=20):
