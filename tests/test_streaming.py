@@ -171,6 +171,16 @@ def test_cross_kv_projected_once_is_reused(scan_layers):
   reusing = lambda c: model.apply(params, noise, t, **cond, cross_kv=c)
   np.testing.assert_allclose(np.asarray(reusing(ckv)), np.asarray(projecting()), rtol=1e-6, atol=1e-6)
   assert _dots(projecting) - _dots(reusing, ckv) == 2 + 2 * (1 if scan_layers else cfg.num_layers)
+  # the concatenating KV-cache path (training rollouts, --concat_kv, int8 and pre-RoPE streams) too
+  plan = rollout.make_plan(BlockPattern(1, 1), 3)
+  cache = jax.tree.map(lambda x: jax.random.normal(jax.random.key(seed + 1), x.shape),
+                       rollout.init_cache(model, plan, B, 4))
+  kw = dict(kv_cache=cache, mask=plan.mask(1, 4), frame_positions=np.array([1], np.int32))
+  x1, t1, c1 = noise[:, :1], t[:, :1], rollout.slice_cond(cond, 0, 1)
+  want = model.apply(params, x1, t1, **c1, **kw)
+  got = model.apply(params, x1, t1, **c1, **kw, cross_kv=ckv)
+  for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="return_cross_kv"):
     reusing({"k": ckv["k"][:1], "v": ckv["v"][:1]})
 
