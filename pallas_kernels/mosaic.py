@@ -151,6 +151,26 @@ def _produce(plgpu, pl, n, stages, streams, offset=0):
   lax.fori_loop(0, n, issue, None)
 
 
+def _pingpong(plgpu, pl, sched_bar, wg, on: bool):
+  """(sync, handoff, start, end) of the two consumer warpgroups' ping-pong (all no-ops when off).
+  sync: arrive and wait (after issuing a matmul); handoff(*values): the elementwise results pinned in place,
+  then arrive, then wait for the other warpgroup's matmul issue; start / end: warpgroup 1's first and
+  warpgroup 0's last phase, so each completes as many barrier phases as the other."""
+  if not on:
+    return (lambda: None), (lambda *v: v), (lambda: None), (lambda: None)
+
+  def sync():
+    plgpu.barrier_arrive(sched_bar)
+    plgpu.barrier_wait(sched_bar)
+
+  def handoff(*values):
+    values = lax.optimization_barrier(values)
+    sync()
+    return values
+
+  return sync, handoff, (lambda: pl.when(wg == 1)(sync)), (lambda: pl.when(wg == 0)(sync))
+
+
 def _forward_items(order_ref, npart_ref, nfull_ref, width, persistent_ctas, num_heads, num_tiles, batch):
   """(count, item): this CTA's work items, item(i) -> (batch, head, tile, offset of the tile's list, partial and
   total tile counts). One item from the grid position, or (persistent) items cta, cta + N, ... of the
@@ -196,9 +216,7 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_re
   count, item = _forward_items(order_ref, npart_ref, nfull_ref, width, persistent_ctas, q_ref.shape[2], num_tiles,
                                q_ref.shape[0] if persistent_ctas else 0)
 
-  def sched_sync():
-    plgpu.barrier_arrive(sched_bar)
-    plgpu.barrier_wait(sched_bar)
+  sched_sync, _, start, end = _pingpong(plgpu, pl, sched_bar, wg, True)
 
   @pl.when(wg < COMPUTE_WGS)
   def _consumer():
@@ -226,7 +244,7 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_re
       def _():
         plgpu.barrier_wait(k_bars.at[lax.rem(g, stages)])
 
-      pl.when(wg == 1)(sched_sync)
+      start()
 
       def step(j, carry, masked):
         acc, m, l = carry
@@ -273,7 +291,7 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_re
 
       carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), (acc, m, l))
       acc, m, l = lax.fori_loop(n_p, n, functools.partial(step, masked=False), carry)
-      pl.when(wg == 0)(sched_sync)
+      end()
 
       l_safe = jnp.maximum(l, 1e-30)  # l == 0 only on fully masked rows, whose acc is 0 too
       acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
@@ -391,26 +409,6 @@ class MosaicBwdConfig:
   dkdv_block_q: int = 64
   dkdv_stages: int = 2
   pingpong: bool = False
-
-
-def _pingpong(plgpu, pl, sched_bar, wg, on: bool):
-  """(sync, handoff, start, end) of the two consumer warpgroups' ping-pong (all no-ops when off).
-  sync: arrive and wait (after issuing a matmul); handoff(*values): the elementwise results pinned in place,
-  then arrive, then wait for the other warpgroup's matmul issue; start / end: warpgroup 1's first and
-  warpgroup 0's last phase, so each completes as many barrier phases as the other."""
-  if not on:
-    return (lambda: None), (lambda *v: v), (lambda: None), (lambda: None)
-
-  def sync():
-    plgpu.barrier_arrive(sched_bar)
-    plgpu.barrier_wait(sched_bar)
-
-  def handoff(*values):
-    values = lax.optimization_barrier(values)
-    sync()
-    return values
-
-  return sync, handoff, (lambda: pl.when(wg == 1)(sync)), (lambda: pl.when(wg == 0)(sync))
 
 
 def _mma_into(acc, a, b_smem, a_smem, *, plgpu, pl, regs):
