@@ -90,7 +90,7 @@ def _project_cross_kv(cfg: WanConfig, ctx):
 
 
 def _check_inputs(cfg: WanConfig, x, t, context, labels, actions, y, mask, frame_positions, kv_cache=None,
-                  cache_chunk_at=None, cache_positions=None):
+                  cache_chunk_at=None, cache_positions=None, cross_kv=None):
   """Every shape check, before any compute. Returns t as [B, F] and frame_positions as an int[F] array."""
   if x.ndim != 5:
     raise ValueError(f"x must be [B, T, H, W, C], got shape {x.shape}.")
@@ -157,6 +157,10 @@ def _check_inputs(cfg: WanConfig, x, t, context, labels, actions, y, mask, frame
   elif mask is not None and mask.shape != (num_tokens, num_tokens):
     raise ValueError(f"mask shape {mask.shape} != (L, L) with L = F * H/ph * W/pw = {f} * {hp} * {wp} = "
                      f"{num_tokens}; build it with tokens_per_frame = {hp * wp} and num_frames = {f}.")
+  if cross_kv is not None and (cross_kv["k"].shape[:2] != (cfg.num_layers, b)
+                               or cross_kv["k"].shape != cross_kv["v"].shape):
+    raise ValueError(f"cross_kv k/v {cross_kv['k'].shape} / {cross_kv['v'].shape}: expected [layers="
+                     f"{cfg.num_layers}, batch={b}, Lc, heads, head_dim] from WanModel(return_cross_kv=True).")
   return t, frame_positions
 
 
@@ -199,7 +203,7 @@ class WanModel(nn.Module):
     cfg = self.config
     dt = cfg.compute_dtype
     t, frame_positions = _check_inputs(cfg, x, t, context, labels, actions, y, mask, frame_positions, kv_cache,
-                                       cache_chunk_at, cache_positions)
+                                       cache_chunk_at, cache_positions, cross_kv)
     b, num_t, height, width, _ = x.shape
     pt, ph, pw = cfg.patch_size
     f, hp, wp = num_t // pt, height // ph, width // pw
@@ -226,9 +230,6 @@ class WanModel(nn.Module):
 
     # --- context tokens: text, then class labels (or their cross-attention k/v, projected beforehand) ---
     if cross_kv is not None:   # layer i attends to (k[i], v[i]): scanned, or indexed by the layer loops
-      if cross_kv["k"].shape[:2] != (cfg.num_layers, b) or cross_kv["k"].shape != cross_kv["v"].shape:
-        raise ValueError(f"cross_kv k/v {cross_kv['k'].shape} / {cross_kv['v'].shape}: expected [layers="
-                         f"{cfg.num_layers}, batch={b}, Lc, heads, head_dim] from WanModel(return_cross_kv=True).")
       ctx = (cross_kv["k"], cross_kv["v"])
     else:
       tokens = [] if context is None else [context.astype(dt)]
