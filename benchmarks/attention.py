@@ -274,26 +274,31 @@ def mosaic_tune(log, results, L=16384):
     log(f"mosaic tune L={L} block_k={bk:3d} stages={stages}: {t*1e3:8.3f} ms {tf:7.1f} TFLOP/s")
 
 
-def mosaic_persistent_tune(log, results, cases=("dense:4096", "dense:16384", "tf:5:1", "tf:6:3", "tf:21:3"),
-                           ctas=(0, 132, 264)):
+def mosaic_persistent_tune(log, results, cases=("dense:4096", "dense:16384", "tf:5:1", "tf:6:3", "tf:21:3",
+                                                "cross:65520:512"), ctas=(0, 132, 264)):
   """The Mosaic forward alone with one CTA per work item (0) and with persistent CTAs (132: one per H100 SM),
   dense and under teacher-forcing masks whose rows see few key tiles (15,600 and 18,720 tokens). Rates count
   masked work by density."""
   from pallas_kernels import mosaic  # noqa: PLC0415
   for case in cases:
     mask = _case_mask(case)
-    L = mask.shape[0]
-    q, k, v = inputs(L, L)[:3]
+    lq, lk = mask.shape
+    q, k, v = inputs(lq, lk)[:3]
     runs = [(f"persistent_ctas={n}", jax.jit(lambda q, k, v, n=n: mosaic.forward(
         q, k, v, mask, sm_scale=D ** -0.5, cfg=mosaic.MosaicConfig(persistent_ctas=n)))) for n in ctas]
-    flops = 4.0 * B * H * L * L * D * mask.density()
+    flops = 4.0 * B * H * lq * lk * D * mask.density()
     _time_runs(log, results, f"fwd persistent {case}", "fwd", runs, (q, k, v), flops)
 
 
 def _case_mask(case: str) -> Mask:
-  """"dense:L" or "tf:FRAMES:CHUNK" (a teacher-forcing mask) -> the Mask."""
+  """"dense:L", "cross:LQ:LK" (no mask, LQ queries over LK keys: the Wan text cross-attention is
+  cross:65520:512) or "tf:FRAMES:CHUNK" (a teacher-forcing mask) -> the Mask."""
   kind, *rest = case.split(":")
-  return Mask.full(int(rest[0]), int(rest[0])) if kind == "dense" else tf_mask(int(rest[0]), int(rest[1]))
+  if kind == "dense":
+    return Mask.full(int(rest[0]), int(rest[0]))
+  if kind == "cross":
+    return Mask.full(int(rest[0]), int(rest[1]))
+  return tf_mask(int(rest[0]), int(rest[1]))
 
 
 def _time_runs(log, results, label, mode, runs, args, flops):
@@ -314,15 +319,15 @@ def mosaic_bwd_tune(log, results, cases=("dense:16384", "tf:21:3")):
   default pair. Rates count the backward as 2.5x the forward FLOPs, masked work by density."""
   from pallas_kernels import kernels, mosaic  # noqa: PLC0415
   from pallas_kernels.attention import _pad, _Plan  # noqa: PLC0415
-  cfgs = (mosaic.MosaicBwdConfig(), mosaic.MosaicBwdConfig(pingpong=True), mosaic.MosaicBwdConfig(dq_block_k=128),
-          mosaic.MosaicBwdConfig(dq_block_k=128, pingpong=True))
+  cfgs = (mosaic.MosaicBwdConfig(), mosaic.MosaicBwdConfig(pingpong=True), mosaic.MosaicBwdConfig(dq_block_k=64),
+          mosaic.MosaicBwdConfig(dkdv_splits=1))
   for case in cases:
     mask = _case_mask(case)
-    L = mask.shape[0]
-    q, k, v, do = inputs(L, L)[:4]
+    lq, lk = mask.shape
+    q, k, v, do = inputs(lq, lk)[:4]
     o, lse = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=D ** -0.5))(q, k, v)
-    flops = 2.5 * 4.0 * B * H * L * L * D * mask.density()
-    plan = _Plan(mask, L, L, D ** -0.5, pk.BlockSizes(), False, "triton")
+    flops = 2.5 * 4.0 * B * H * lq * lk * D * mask.density()
+    plan = _Plan(mask, lq, lk, D ** -0.5, pk.BlockSizes(), False, "triton")
     runs = [("triton", jax.jit(lambda q, k, v, o, lse, do: kernels.backward(
         *plan.padded(q, k, v), _pad(o, plan.lq_pad), lse, _pad(do, plan.lq_pad), plan.sched(plan.dq),
         plan.sched(plan.dkdv), plan.dq, plan.dkdv,
@@ -438,6 +443,8 @@ def main():
                   help="time the Mosaic kernels with tiles in index order and heaviest first")
   ap.add_argument("--mosaic-bwd-tune", action="store_true",
                   help="time the backward kernels alone: Mosaic configs beside the Triton pair")
+  ap.add_argument("--bwd-cases", default="dense:16384,tf:21:3,cross:65520:512",
+                  help="--mosaic-bwd-tune cases: dense:L, tf:FRAMES:CHUNK, cross:LQ:LK")
   ap.add_argument("--mosaic-persistent-tune", action="store_true",
                   help="time the Mosaic forward with one CTA per work item and with persistent CTAs")
   ap.add_argument("--check-only", default="", help="comma-separated substrings of the --check case names to run")
@@ -468,7 +475,7 @@ def main():
   if args.mosaic_tune:
     mosaic_tune(log, results)
   if args.mosaic_bwd_tune:
-    mosaic_bwd_tune(log, results)
+    mosaic_bwd_tune(log, results, cases=args.bwd_cases.split(","))
   if args.mosaic_persistent_tune:
     mosaic_persistent_tune(log, results)
   if args.mosaic_jvp_tune:

@@ -39,13 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.kernels import BIG, LOG2E, MASK_VALUE  # the Triton kernels' constants (same lse2)
+from pallas_kernels.kernels import BIG, LOG2E, MASK_VALUE, softmax_delta  # shared with the Triton kernels
 from pallas_kernels.mask import Mask, TileSchedule, tile_schedule
 
 MAX_INTERVALS = 4  # per-row key intervals held in registers (video masks need <= 3)
 HEAVIEST_FIRST = True  # hand out tiles by decreasing work (`TileSchedule.kv_order`); False: in index order
 ROWS_PER_WG = 64  # one wgmma M tile per consumer warpgroup
 COMPUTE_WGS = 2
+SMS = 132  # streaming multiprocessors of an H100 / H200: the dk/dv kernel splits its query walk below 4 CTAs each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +124,19 @@ def _keep_intervals(x, idx, ivs, fill, *, per_row):
   return out
 
 
-def _program(order_ref, npart_ref, nfull_ref, width, tile_axis):
+def _program(order_ref, npart_ref, nfull_ref, width, tile_axis, splits=1):
   """This CTA's place: (batch, head, tile, warpgroup, offset of the tile's list, its partial and total tile
-  counts). Tiles are handed out heaviest first (`order_ref`)."""
-  tile = order_ref[lax.axis_index(tile_axis)]
-  n_p = npart_ref[tile]
-  return (lax.axis_index("batch"), lax.axis_index("heads"), tile, lax.axis_index("wg"), tile * width, n_p,
-          n_p + nfull_ref[tile])
+  counts). Tiles are handed out heaviest first (`order_ref`). splits > 1: `splits` consecutive CTAs share a
+  tile, CTA s taking the s-th of `splits` near-equal parts of its list (partial tiles come first in a list,
+  so a part's partial count is what remains of them past its start)."""
+  idx = lax.axis_index(tile_axis)
+  tile = order_ref[idx // splits if splits > 1 else idx]
+  n_p, n, base = npart_ref[tile], npart_ref[tile] + nfull_ref[tile], tile * width
+  if splits > 1:
+    s = lax.rem(idx, splits)
+    lo, hi = n * s // splits, n * (s + 1) // splits
+    base, n_p, n = base + lo, jnp.clip(n_p - lo, 0, hi - lo), hi - lo
+  return lax.axis_index("batch"), lax.axis_index("heads"), tile, lax.axis_index("wg"), base, n_p, n
 
 
 def _produce(plgpu, pl, n, stages, streams, offset=0):
@@ -403,12 +410,27 @@ class MosaicBwdConfig:
   """dq_block_k: the dq kernel's key tile; dkdv_block_q: the dk/dv kernel's query tile (multiples of 64);
   stages: ring depths of the two kernels. pingpong: the forward's schedule for the two consumer warpgroups
   (one's elementwise work under the other's matmuls: a shared barrier pairs each one's matmul issue with the
-  other's elementwise end, warpgroup 1 starting one phase late); off until a GPU run shows it faster."""
-  dq_block_k: int = 64
+  other's elementwise end, warpgroup 1 starting one phase late); off until a GPU run shows it faster.
+  dkdv_splits: CTAs that share one key tile of the dk/dv kernel, each walking a part of its query tiles into
+  partial dk, dv (bf16, summed in fp32 after the kernel); None: `auto_dkdv_splits`, which splits only where
+  there are fewer than 4 CTAs per SM (few keys, many queries: the text cross-attention has 4 key tiles a head
+  against 512 query tiles)."""
+  dq_block_k: int = 128
   dq_stages: int = 2
   dkdv_block_q: int = 64
   dkdv_stages: int = 2
   pingpong: bool = False
+  dkdv_splits: int | None = None
+
+
+def auto_dkdv_splits(ctas: int, width: int) -> int:
+  """Splits of the dk/dv kernel's query walk for `ctas` CTAs whose longest list has `width` query tiles:
+  enough for 4 CTAs per SM, each part keeping at least 8 tiles (its fixed costs: the K/V load and the
+  dk/dv store). On the H100 the text cross-attention's backward (65,520 x 512, 48 CTAs unsplit) took 2.97 ms
+  unsplit, 1.92 ms in 6 parts and 1.81 ms in 12 (benchmarks/RESULTS.md)."""
+  if ctas >= 4 * SMS:
+    return 1
+  return max(1, min(-(-4 * SMS // ctas), width // 8))
 
 
 def _mma_into(acc, a, b_smem, a_smem, *, plgpu, pl, regs):
@@ -502,13 +524,13 @@ def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref,
 
 def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                  dk_ref, dv_ref, smem, bars, free_bars, sched_bar, *, plgpu, pl, scale, scale2, width, block_q,
-                 stages, group, n_iv, regs, pingpong):
+                 stages, group, n_iv, regs, pingpong, splits):
   k_smem2, v_smem2, q_ring, do_ring, lse_ring, delta_ring, iv_ring, *a_smem2 = smem
   kv_bars, ring_bars = bars  # kv_bars [2 * COMPUTE_WGS]: k, v per consumer; ring_bars: q, do, lse, delta, iv
   (free,) = free_bars
   bk = ROWS_PER_WG
   dtype = q_ref.dtype
-  b, h, ki, wg, base, n_p, n = _program(order_ref, npart_ref, nfull_ref, width, "k_seq")
+  b, h, ki, wg, base, n_p, n = _program(order_ref, npart_ref, nfull_ref, width, "k_seq", splits)
   mm = dict(plgpu=plgpu, pl=pl)
   sync, handoff, start, end = _pingpong(plgpu, pl, sched_bar, wg, pingpong)
 
@@ -570,7 +592,8 @@ def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_re
     k_smem[...] = (dk * scale).astype(dtype)
     v_smem[...] = dv.astype(dtype)
     plgpu.commit_smem()
-    out_rows = (b, pl.ds(k0, bk), h)
+    part = lax.rem(lax.axis_index("k_seq"), splits) * (dk_ref.shape[0] // splits)   # this split's batch block
+    out_rows = (part + b, pl.ds(k0, bk), h)
     plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[out_rows])
     plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[out_rows])
     plgpu.wait_smem_to_gmem(0)
@@ -606,8 +629,7 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
   sched = functools.partial(_schedule_inputs, "backward", q.dtype, d, mask, lq, lk, lq_m, lk_m)
   dq_ins, dq_iv, dq_width = sched(block, cfg.dq_block_k, rowmajor=True)
   kv_ins, kv_iv, kv_width = sched(cfg.dkdv_block_q, block, rowmajor=False)
-  delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
-  delta = jnp.pad(delta, ((0, 0), (0, 0), (0, lq_m - lq)))
+  delta = jnp.pad(softmax_delta(o, do), ((0, 0), (0, 0), (0, lq_m - lq)))
   lse = jnp.pad(lse[:, :, :lq], ((0, 0), (0, 0), (0, lq_m - lq)), constant_values=BIG)
   qp, dop, kp, vp = _pad_len(q, lq_m), _pad_len(do.astype(q.dtype), lq_m), _pad_len(k, lk_m), _pad_len(v, lk_m)
   group = h // hkv
@@ -647,13 +669,15 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
       (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st),),
       plgpu.Barrier(num_arrivals=COMPUTE_WGS),
   ]
+  splits = cfg.dkdv_splits or auto_dkdv_splits(h * b * (lk_m // block), kv_width)
   dk, dv = plgpu.kernel(
-      functools.partial(_dkdv_kernel, width=kv_width, block_q=bq, stages=st, n_iv=n_iv, **common),
-      out_type=[jax.ShapeDtypeStruct((b, lk_m, h, d), q.dtype)] * 2, scratch_types=scratch,
-      grid=(h, lk_m // block, b), grid_names=("heads", "k_seq", "batch"), **launch,
+      functools.partial(_dkdv_kernel, width=kv_width, block_q=bq, stages=st, n_iv=n_iv, splits=splits, **common),
+      out_type=[jax.ShapeDtypeStruct((splits * b, lk_m, h, d), q.dtype)] * 2, scratch_types=scratch,
+      grid=(h, lk_m // block * splits, b), grid_names=("heads", "k_seq", "batch"), **launch,
   )(*kv_ins, qp, kp, vp, dop, lse, delta)
-  if group > 1:
-    dk, dv = (x.reshape(b, lk_m, hkv, group, d).astype(jnp.float32).sum(3).astype(q.dtype) for x in (dk, dv))
+  if splits > 1 or group > 1:   # the split parts and the query heads of a k/v head, summed in fp32
+    dk, dv = (x.reshape(splits, b, lk_m, hkv, group, d).astype(jnp.float32).sum((0, 4)).astype(q.dtype)
+              for x in (dk, dv))
   return dq[:, :lq], dk[:, :lk], dv[:, :lk]
 
 

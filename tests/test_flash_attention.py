@@ -513,12 +513,14 @@ def test_flash_attention_stacked_reads_one_entry_and_rejects_bad_stacks():
     pk.flash_attention_stacked(q, ks[:, :, :32], vs[:, :, :32], 0, mask)
 
 
-@pytest.mark.parametrize("pingpong", [False, True])
-def test_mosaic_backward_in_gpu_interpreter(pingpong):
+@pytest.mark.parametrize("pingpong,splits", [(False, None), (True, None), (False, 3)])
+def test_mosaic_backward_in_gpu_interpreter(pingpong, splits):
   """dq and dk/dv kernels in jax's Mosaic GPU interpreter: grouped heads, ragged lengths, rows with no
   allowed key (a whole query tile of them), keys no row may see (a whole key tile), several intervals per
   row, more tiles than ring slots; against float64 gradients. pingpong: the two consumer warpgroups'
-  alternating schedule (a barrier phase count that differs between them would hang or fail here)."""
+  alternating schedule (a barrier phase count that differs between them would hang or fail here). splits:
+  three CTAs per key tile share its query tiles, parts that cut its list inside the partial tiles, at their
+  end and inside the full ones, and parts with no tile (the key tile no row sees)."""
   plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
   if not hasattr(plgpu, "InterpretGPUParams"):
     pytest.skip("this jax has no Mosaic GPU interpreter")
@@ -535,7 +537,7 @@ def test_mosaic_backward_in_gpu_interpreter(pingpong):
   # large as dP and an error in its term shows in the gradients
   o, lse = mosaic.forward(q, k, v, mask, sm_scale=0.3, interpret=interp)
   grads = mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=0.3, interpret=interp,
-                          cfg=mosaic.MosaicBwdConfig(pingpong=pingpong))
+                          cfg=mosaic.MosaicBwdConfig(pingpong=pingpong, dkdv_splits=splits))
   ref, run = _ref64(mask, sm_scale=0.3)
   want = run(lambda q, k, v, do: jax.vjp(ref, q, k, v)[1](do), q, k, v, do)
   for name, got, w in zip(("dq", "dk", "dv"), grads, want):
@@ -543,6 +545,14 @@ def test_mosaic_backward_in_gpu_interpreter(pingpong):
     assert _rel(got, w) < TOL[jnp.bfloat16], name
   assert np.all(np.asarray(grads[0])[:, :e] == 0)  # rows with nothing allowed get no gradient
   assert np.all(np.asarray(grads[1])[:, 256:384] == 0) and np.all(np.asarray(grads[2])[:, 256:384] == 0)
+
+
+def test_auto_dkdv_splits():
+  """Split the dk/dv kernel's query walk only below 4 CTAs per SM, and never into parts of fewer than 8 tiles."""
+  assert mosaic.auto_dkdv_splits(12 * 512, 1024) == 1                  # 65,520-token self-attention
+  assert mosaic.auto_dkdv_splits(12 * 4, 1024) == 11                   # Wan text cross-attention: 48 CTAs
+  assert mosaic.auto_dkdv_splits(16, 40) == 5 and mosaic.auto_dkdv_splits(16, 7) == 1
+  assert mosaic.auto_dkdv_splits(4 * mosaic.SMS, 4096) == 1
 
 
 @pytest.mark.parametrize("present", [(True, True, True), (False, True, False), (True, False, True)])

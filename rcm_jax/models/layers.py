@@ -204,6 +204,29 @@ class WanAttention(nn.Module):
     return self.attend(self.project_q(x), k, v)
 
 
+_GELU_C, _GELU_A = math.sqrt(2 / math.pi), 0.044715
+
+
+@jax.custom_jvp
+def gelu_tanh(x):
+  """gelu(tanh) as `nn.gelu(x, approximate=True)`, whose derivative recomputes its own tanh in fp32.
+
+  Under autodiff the primal's tanh was shared with the derivative, so XLA wrote it out ([tokens, ffn], the
+  largest activation of a Wan block) and read it back in the backward pass. Here the derivative takes its tanh
+  of an fp32 argument, which XLA's CSE does not merge with the primal's, so it is computed where it is used.
+  A custom_jvp (not custom_vjp) keeps `jax.jvp` working for sCM / MeanFlow."""
+  return nn.gelu(x, approximate=True)
+
+
+@gelu_tanh.defjvp
+def _gelu_tanh_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  xf = at_least_f32(x)
+  th = jnp.tanh(_GELU_C * (xf + _GELU_A * xf ** 3))
+  slope = 0.5 * (1 + th) + 0.5 * xf * (1 - th * th) * _GELU_C * (1 + 3 * _GELU_A * xf * xf)
+  return gelu_tanh(x), (slope * t).astype(t.dtype)
+
+
 class GELU(nn.Module):
   """diffusers `GELU(approximate="tanh")`: a linear `proj`, then gelu(tanh)."""
   features: int
@@ -211,7 +234,7 @@ class GELU(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.gelu(dense(self.features, "proj", self.dtype)(x), approximate=True)
+    return gelu_tanh(dense(self.features, "proj", self.dtype)(x))
 
 
 class FeedForward(nn.Module):
