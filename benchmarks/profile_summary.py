@@ -1,6 +1,8 @@
 """Where the device time goes, from a `jax.profiler.trace(..., create_perfetto_trace=True)` directory.
 
   python benchmarks/profile_summary.py TRACE_DIR [--top 25]      # prints the table; --md FILE also writes it
+  python benchmarks/profile_summary.py TRACE_DIR --calls mosaic --first 12   # each call of the matching
+                                                   # kernels in time order: the calls that share one name apart
 
 Reads the newest perfetto_trace.json.gz under TRACE_DIR and keeps the complete events ("ph": "X") of the
 device processes (process names with "/device:"; the host's Python and runtime events are left out). Per kernel
@@ -72,6 +74,26 @@ def summarize(events: list) -> dict:
               classes=dict(sorted(classes.items(), key=lambda kv: -kv[1])))
 
 
+def calls(events: list, pattern: str, first: int = 20) -> str:
+  """The first `first` device calls whose kernel name matches `pattern` (a regex), in start order: start
+  (ms from the first of them), duration and the event's HLO op where the trace names it."""
+  devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+             and "/device:" in str(e.get("args", {}).get("name", ""))}
+  rx = re.compile(pattern)
+  hits = sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in devices and "dur" in e
+                 and rx.search(e["name"])), key=lambda e: float(e["ts"]))[:first]
+  if not hits:
+    return f"no device call matches {pattern!r}\n"
+  t0 = float(hits[0]["ts"])
+  out = ["| # | start ms | us | kernel | op |", "|---|---|---|---|---|"]
+  for i, e in enumerate(hits):
+    a = e.get("args", {})
+    op = a.get("hlo_op") or a.get("long_name") or a.get("name") or ""
+    out.append(f"| {i} | {(float(e['ts']) - t0) / 1e3:.3f} | {float(e['dur']):.1f} | `{e['name'][:50]}` | "
+               f"`{str(op)[:60]}` |")
+  return "\n".join(out) + "\n"
+
+
 def to_markdown(s: dict, top: int = 25) -> str:
   if not s["kernels"]:
     return "no device events in the trace (a CPU run records host events only)\n"
@@ -92,8 +114,11 @@ def main():
   ap.add_argument("trace_dir")
   ap.add_argument("--top", type=int, default=25)
   ap.add_argument("--md", default="", help="also write the table to this file")
+  ap.add_argument("--calls", default="", help="instead: list each call of the kernels matching this regex")
+  ap.add_argument("--first", type=int, default=20, help="--calls: how many")
   args = ap.parse_args()
-  text = to_markdown(summarize(load_trace(args.trace_dir)), args.top)
+  events = load_trace(args.trace_dir)
+  text = calls(events, args.calls, args.first) if args.calls else to_markdown(summarize(events), args.top)
   print(text)
   if args.md:
     with open(args.md, "w") as f:

@@ -333,3 +333,6 @@ def test_profile_summary_busy_time_and_classes():
   assert s["classes"] == pytest.approx({"attention": 0.8, "matmul": 0.2, "other": 0.1})
   assert s["kernels"][0][:3] == ("flash_fwd", "attention", 2)
   assert "| attention | 0.80 |" in ps.to_markdown(s)
+  seq = ps.calls(events, "flash", first=5).splitlines()[2:]   # each call in start order, host events left out
+  assert len(seq) == 2 and "| 0 | 0.000 | 400.0 |" in seq[0] and "| 1 | 1.500 | 400.0 |" in seq[1]
+  assert "no device call" in ps.calls(events, "PjitFunction")

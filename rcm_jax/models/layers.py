@@ -138,11 +138,29 @@ class WanAttention(nn.Module):
     """source [B, Lk, D] -> k, v [B, Lk, H, Dh] (no RoPE)."""
     return self._heads(self._norm(self.norm_k, self.to_k(source))), self._heads(self.to_v(source))
 
+  def _qkv_linear(self, x):
+    """to_q, to_k, to_v of the same x [B, L, D] as one GEMM against their concatenated kernels -> three
+    [B, L, D]. The same products as three Dense calls (each output column is the same dot), but one
+    [D, 3D] GEMM fills the GPU where three [D, D] ones left a third of it idle at streaming chunk sizes
+    (4,680 tokens: 347 TFLOP/s each on an H100), and a scanned layer slices one weight instead of three."""
+    if self.is_initializing():
+      return self.to_q(x), self.to_k(x), self.to_v(x)
+    dt = self.config.compute_dtype
+    ps = [m.variables["params"] for m in (self.to_q, self.to_k, self.to_v)]
+    kernel = jnp.concatenate([p["kernel"] for p in ps], axis=1).astype(dt)     # [D, 3D]
+    bias = jnp.concatenate([p["bias"] for p in ps]).astype(dt)
+    y = jax.lax.dot_general(x.astype(dt), kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+    return jnp.split(y, 3, axis=-1)
+
+  def project_qkv_raw(self, x):
+    """Self-attention projections before RoPE: x [B, L, D] -> q, k, v [B, L, H, Dh] (q, k RMS-normed)."""
+    q, k, v = self._qkv_linear(x)
+    return (self._heads(self._norm(self.norm_q, q)), self._heads(self._norm(self.norm_k, k)), self._heads(v))
+
   def project_qkv(self, x, cos, sin):
     """Self-attention inputs. x [B, L, D]; cos/sin [L, Dh/2] at the tokens' positions -> q, k, v [B, L, H, Dh]."""
-    q = apply_rope(self.project_q(x), cos, sin)
-    k, v = self.project_kv(x)
-    k = apply_rope(k, cos, sin)
+    q, k, v = self.project_qkv_raw(x)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     return checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
 
   def attend(self, q, k, v, mask: Mask | None = None, *, tag: str | None = None, layer=None):
@@ -178,9 +196,8 @@ class WanAttention(nn.Module):
     must be None (`WanModel` moves every layer's rows to their slot after the last layer: a second write per
     layer, after the read, makes XLA copy the whole stack).
     """
-    q = apply_rope(self.project_q(x), cos, sin)
-    k_raw, v = self.project_kv(x)
-    k = apply_rope(k_raw, cos, sin)
+    q, k_raw, v = self.project_qkv_raw(x)
+    q, k = apply_rope(q, cos, sin), apply_rope(k_raw, cos, sin)
     if chunk_at is not None:
       if cache_cos is not None or layer is None or write_at is not None or cache_k.dtype != k.dtype:
         raise ValueError(f"chunk_at (the chunk's k/v in the cache buffer) needs post-RoPE cached keys, a layer "
