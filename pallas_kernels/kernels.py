@@ -261,7 +261,8 @@ def softmax_delta(o, do):
   An elementwise product and a sum over D, then a transpose of the small [B, L, H] result. Written as
   einsum("blhd,blhd->bhl") it is a batched dot whose batch dims XLA lays out major: that layout then spread
   back to o, which is saved per layer under remat, and cost a transpose of the whole saved stack after the
-  forward and a transpose back of each layer's slice in the backward (about 1.3% of a Wan TF step)."""
+  forward and a transpose back of each layer's slice in the backward (about 40 ms of a 3.1 s Wan TF step on
+  an H100, in its profile)."""
   return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
 
 

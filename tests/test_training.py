@@ -311,6 +311,37 @@ def test_benchmark_compile_only_matches_the_allocated_compile():
   assert rows[True]["params_bytes"] == 4 * rows[False]["params"]     # fp32 master weights
 
 
+def test_hlo_fusions_names_a_profiles_kernels():
+  """benchmarks/hlo_fusions.py: a profile's kernel (fusion_383 for the HLO's %fusion.383) -> its fused
+  computation and the JAX source lines of its ops, from the module's stack-frame tables; a header whose
+  parameter list carries '/*index=5*/' comments still opens a computation."""
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("hlo_fusions", os.path.join(root, "benchmarks", "hlo_fusions.py"))
+  hf = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(hf)
+  n = int(np.random.default_rng().integers(2, 999))
+  text = "\n".join([
+      "HloModule jit_fn", "", "FileNames", '1 "/x/rcm_jax/models/layers.py"', '2 "/y/flax/linen/linear.py"', "",
+      "FunctionNames", '1 "f"', "", "FileLocations",
+      "1 {file_name_id=1 function_name_id=1 line=214 end_line=214 column=0 end_column=1}",
+      "2 {file_name_id=2 function_name_id=1 line=287 end_line=287 column=0 end_column=1}", "",
+      "StackFrames", "1 {file_location_id=1 parent_frame_id=1}", "2 {file_location_id=2 parent_frame_id=1}", "",
+      f"%fused_gelu (p0: f32[4], p1: f32[4], p2: f32[4], p3: f32[4], p4: f32[4], /*index=5*/p5: f32[4]) -> f32[4] {{",
+      '  %p0 = f32[4]{0} parameter(0), metadata={op_name="jit(fn)/ffn/tanh" stack_frame_id=2}',
+      '  ROOT %t = f32[4]{0} tanh(%p0), metadata={op_name="jit(fn)/ffn/tanh" stack_frame_id=2}', "}", "",
+      "ENTRY %main (a: f32[4]) -> f32[4] {",
+      "  %a = f32[4]{0} parameter(0)",
+      f'  ROOT %fusion.{n} = f32[4]{{0}} fusion(%a), kind=kLoop, calls=%fused_gelu, '
+      'metadata={op_name="jit(fn)/ffn/mul" stack_frame_id=2}', "}"])
+  instrs, comps = hf.parse_module(text)
+  assert set(comps) == {"fused_gelu", "main"} and f"fusion.{n}" in instrs
+  out = hf.describe(f"fusion_{n}", instrs, comps, 10, hf.parse_frames(text, "rcm_jax"))
+  assert "shape: f32[4]{0}" in out and "tanh(%p0)" in out
+  assert "jit(fn)/ffn/mul  (/x/rcm_jax/models/layers.py:214)" in out   # our frame, not flax's inner one
+  assert "not in this module" in hf.describe("fusion_0", instrs, comps, 10)
+
+
 def test_profile_summary_busy_time_and_classes():
   """benchmarks/profile_summary.py: device events only, overlapping kernels counted once in the busy time."""
   import importlib.util
