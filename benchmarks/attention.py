@@ -319,8 +319,8 @@ def mosaic_bwd_tune(log, results, cases=("dense:16384", "tf:21:3")):
   default pair. Rates count the backward as 2.5x the forward FLOPs, masked work by density."""
   from pallas_kernels import kernels, mosaic  # noqa: PLC0415
   from pallas_kernels.attention import _pad, _Plan  # noqa: PLC0415
-  cfgs = (mosaic.MosaicBwdConfig(), mosaic.MosaicBwdConfig(pingpong=True), mosaic.MosaicBwdConfig(dq_block_k=64),
-          mosaic.MosaicBwdConfig(dkdv_splits=1))
+  cfgs = (mosaic.MosaicBwdConfig(), mosaic.MosaicBwdConfig(fused_dq=True), mosaic.MosaicBwdConfig(pingpong=True),
+          mosaic.MosaicBwdConfig(dq_block_k=64), mosaic.MosaicBwdConfig(dkdv_splits=1))
   for case in cases:
     mask = _case_mask(case)
     lq, lk = mask.shape
@@ -336,6 +336,11 @@ def mosaic_bwd_tune(log, results, cases=("dense:16384", "tf:21:3")):
                                                                                 sm_scale=D ** -0.5, cfg=c)))
              for c in cfgs]
     _time_runs(log, results, f"bwd tune {case}", "bwd", runs, (q, k, v, o, lse, do), flops)
+    ref = runs[1][1](q, k, v, o, lse, do)   # every config's gradients against the default config's
+    for name, fn in runs[2:]:
+      got = fn(q, k, v, o, lse, do)
+      log(f"bwd tune {case} {name}: rel. difference to the default dq/dk/dv "
+          + " / ".join(f"{rel(a, b):.1e}" for a, b in zip(got, ref)))
 
 
 def mosaic_jvp_tune(log, results, cases=("dense:16384", "tf:21:1")):

@@ -412,15 +412,18 @@ class MosaicBwdConfig:
   (one's elementwise work under the other's matmuls: a shared barrier pairs each one's matmul issue with the
   other's elementwise end, warpgroup 1 starting one phase late); off until a GPU run shows it faster.
   dkdv_splits: CTAs that share one key tile of the dk/dv kernel, each walking a part of its query tiles into
-  partial dk, dv (bf16, summed in fp32 after the kernel); None: `auto_dkdv_splits`, which splits only where
+  partial dk, dv (fp32, summed after the kernel); None: `auto_dkdv_splits`, which splits only where
   there are fewer than 4 CTAs per SM (few keys, many queries: the text cross-attention has 4 key tiles a head
-  against 512 query tiles)."""
+  against 512 query tiles).
+  fused_dq: no dq kernel; the dk/dv kernel also forms dQ += dS K per tile and TMA-adds it into an fp32
+  accumulator (5 matmuls a tile instead of the two kernels' 7; dq_* fields then unused); off until timed."""
   dq_block_k: int = 128
   dq_stages: int = 2
   dkdv_block_q: int = 64
   dkdv_stages: int = 2
   pingpong: bool = False
   dkdv_splits: int | None = None
+  fused_dq: bool = False
 
 
 def auto_dkdv_splits(ctas: int, width: int) -> int:
@@ -523,8 +526,14 @@ def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref,
 
 
 def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                 dk_ref, dv_ref, smem, bars, free_bars, sched_bar, *, plgpu, pl, scale, scale2, width, block_q,
-                 stages, group, n_iv, regs, pingpong, splits):
+                 *refs, plgpu, pl, scale, scale2, width, block_q, stages, group, n_iv, regs, pingpong, splits,
+                 fused_dq):
+  # fused_dq: dq_ref is the fp32 dQ accumulator (a Ref the kernel adds into), ds_smem2 the dS^T staging.
+  # stage2 (fused_dq or splits > 1): an fp32 [COMPUTE_WGS, 64, D] staging tile for dQ products and fp32 dk/dv.
+  dq_ref = refs[0] if fused_dq else None
+  dk_ref, dv_ref, smem, bars, free_bars, sched_bar, *extra = refs[1:] if fused_dq else refs
+  ds_smem2 = extra[0][0] if fused_dq else None
+  stage2 = extra[0][-1] if extra else None
   k_smem2, v_smem2, q_ring, do_ring, lse_ring, delta_ring, iv_ring, *a_smem2 = smem
   kv_bars, ring_bars = bars  # kv_bars [2 * COMPUTE_WGS]: k, v per consumer; ring_bars: q, do, lse, delta, iv
   (free,) = free_bars
@@ -551,6 +560,26 @@ def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_re
     zeros = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
     a_smem = a_smem2[0].at[wg] if a_smem2 else None
     start()
+
+    def add_dq(j, dst):
+      """dQ += dS K for this step's query tile (FlashAttention-3's single-kernel backward): dS^T to shared
+      memory, read back transposed as the wgmma A operand; the [block_q, D] fp32 product is TMA-added into
+      dq_ref. The interpreter has no TMA reduction: there each (CTA, warpgroup) stores its products into its
+      own block of dq_ref (it visits a query tile once), summed after the kernel."""
+      ds_smem, stage = ds_smem2.at[wg], stage2.at[wg]
+      ds_smem[...] = dst.astype(dtype)
+      plgpu.commit_smem()
+      part = _mma(ds_smem.transpose((1, 0)), k_smem, (block_q, d), **mm)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous step's add has read `stage`
+      stage[...] = part
+      plgpu.commit_smem()
+      q_rows = pl.ds(tiles_ref[base + j] * block_q, block_q)
+      if regs:
+        plgpu.copy_smem_to_gmem(stage, dq_ref.at[b, q_rows, h], reduction_op="add")
+      else:
+        nb = dk_ref.shape[0] // splits
+        owner = (lax.axis_index("k_seq") * COMPUTE_WGS + wg) * nb + b
+        plgpu.copy_smem_to_gmem(stage, dq_ref.at[owner, q_rows, h])
 
     def step(j, carry, masked):
       dk, dv = carry
@@ -583,19 +612,29 @@ def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_re
       delta = plgpu.load(delta_ring.at[slot], layout=col)
       dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
       dk = _mma_into(dk, dst.astype(dtype), q_ring.at[slot], a_smem, regs=regs, **mm)
+      if fused_dq:
+        add_dq(j, dst)
       plgpu.barrier_arrive(free.at[slot])
       return dk, dv
 
     carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), (zeros, zeros))
     dk, dv = lax.fori_loop(n_p, n, functools.partial(step, masked=False), carry)
     end()
-    k_smem[...] = (dk * scale).astype(dtype)
-    v_smem[...] = dv.astype(dtype)
-    plgpu.commit_smem()
     part = lax.rem(lax.axis_index("k_seq"), splits) * (dk_ref.shape[0] // splits)   # this split's batch block
     out_rows = (part + b, pl.ds(k0, bk), h)
-    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[out_rows])
-    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[out_rows])
+    if splits > 1:   # fp32 partials, summed after the kernel: one staging tile, dk then dv
+      stage = stage2.at[wg]
+      for val, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        stage[...] = val
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage, ref.at[out_rows])
+    else:
+      k_smem[...] = (dk * scale).astype(dtype)
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[out_rows])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[out_rows])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == COMPUTE_WGS)
@@ -653,11 +692,12 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
       (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st),) * 2,
       plgpu.Barrier(num_arrivals=COMPUTE_WGS),   # the ping-pong's (unused when off)
   ]
-  dq = plgpu.kernel(
-      functools.partial(_dq_kernel, width=dq_width, block_k=bk, stages=st, n_iv=n_iv, **common),
-      out_type=jax.ShapeDtypeStruct((b, lq_m, h, d), q.dtype), scratch_types=scratch,
-      grid=(h, lq_m // block, b), grid_names=("heads", "q_seq", "batch"), **launch,
-  )(*dq_ins, qp, kp, vp, dop, lse, delta)
+  if not cfg.fused_dq:
+    dq = plgpu.kernel(
+        functools.partial(_dq_kernel, width=dq_width, block_k=bk, stages=st, n_iv=n_iv, **common),
+        out_type=jax.ShapeDtypeStruct((b, lq_m, h, d), q.dtype), scratch_types=scratch,
+        grid=(h, lq_m // block, b), grid_names=("heads", "q_seq", "batch"), **launch,
+    )(*dq_ins, qp, kp, vp, dop, lse, delta)
 
   # dk, dv (per q head)
   n_iv, bq, st = kv_iv, cfg.dkdv_block_q, cfg.dkdv_stages
@@ -670,11 +710,29 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
       plgpu.Barrier(num_arrivals=COMPUTE_WGS),
   ]
   splits = cfg.dkdv_splits or auto_dkdv_splits(h * b * (lk_m // block), kv_width)
+  programs = lk_m // block * splits
+  extra = ()
+  stage = plgpu.SMEM((COMPUTE_WGS, bq, d), jnp.float32,
+                     transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+  if cfg.fused_dq:
+    if cfg.pingpong:
+      raise ValueError("MosaicBwdConfig: fused_dq and pingpong do not go together; set one of them False.")
+    scratch.append((tile(COMPUTE_WGS, ROWS_PER_WG, bq), stage))
+    # interpreter: one block per (program, warpgroup, batch), summed below (no TMA reduction there)
+    acc_rows = b if regs else programs * COMPUTE_WGS * b
+    extra = (jax.new_ref(jnp.zeros((acc_rows, lq_m, h, d), jnp.float32)),)
+  elif splits > 1:
+    scratch.append((stage,))
   dk, dv = plgpu.kernel(
-      functools.partial(_dkdv_kernel, width=kv_width, block_q=bq, stages=st, n_iv=n_iv, splits=splits, **common),
-      out_type=[jax.ShapeDtypeStruct((splits * b, lk_m, h, d), q.dtype)] * 2, scratch_types=scratch,
-      grid=(h, lk_m // block * splits, b), grid_names=("heads", "k_seq", "batch"), **launch,
-  )(*kv_ins, qp, kp, vp, dop, lse, delta)
+      functools.partial(_dkdv_kernel, width=kv_width, block_q=bq, stages=st, n_iv=n_iv, splits=splits,
+                        fused_dq=cfg.fused_dq, **common),
+      out_type=[jax.ShapeDtypeStruct((splits * b, lk_m, h, d), jnp.float32 if splits > 1 else q.dtype)] * 2,
+      scratch_types=scratch,
+      grid=(h, programs, b), grid_names=("heads", "k_seq", "batch"), **launch,
+  )(*kv_ins, qp, kp, vp, dop, lse, delta, *extra)
+  if cfg.fused_dq:
+    acc = extra[0][...].reshape(-1, b, lq_m, h, d).sum(0)
+    dq = (acc * sm_scale).astype(q.dtype)
   if splits > 1 or group > 1:   # the split parts and the query heads of a k/v head, summed in fp32
     dk, dv = (x.reshape(splits, b, lk_m, hkv, group, d).astype(jnp.float32).sum((0, 4)).astype(q.dtype)
               for x in (dk, dv))

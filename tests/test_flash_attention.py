@@ -378,13 +378,20 @@ def _lowering_case(d, heads):
           jax.ShapeDtypeStruct((1, lq, heads[1], d), jnp.bfloat16))
 
 
-@pytest.mark.parametrize("d,heads,pingpong", [(128, (4, 2), False), (64, (2, 2), False), (128, (4, 2), True)])
-def test_mosaic_backward_lowers_for_hopper(d, heads, pingpong):
+@pytest.mark.parametrize("d,heads,pingpong,fused,splits", [
+    (128, (4, 2), False, False, None), (64, (2, 2), False, False, None), (128, (4, 2), True, False, None),
+    (128, (4, 2), False, True, None), (64, (2, 2), False, True, None), (128, (4, 2), False, False, 3),
+    (128, (4, 2), False, True, 3)])
+def test_mosaic_backward_lowers_for_hopper(d, heads, pingpong, fused, splits):
+  """The backward kernels lower for CUDA; fused: one kernel (dk/dv with dQ TMA-added), not two; splits: fp32
+  partial dk/dv through the staging tile."""
   mask, lq, q, kv = _lowering_case(d, heads)
   lse = jax.ShapeDtypeStruct((1, heads[0], lq), jnp.float32)
-  cfg = mosaic.MosaicBwdConfig(pingpong=pingpong)
+  cfg = mosaic.MosaicBwdConfig(pingpong=pingpong, fused_dq=fused, dkdv_splits=splits)
   fn = jax.jit(lambda q, k, v, o, lse, do: mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=d ** -0.5, cfg=cfg))
-  assert "mosaic_gpu" in fn.trace(q, kv, kv, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
+  text = fn.trace(q, kv, kv, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
+  kernels = text.count("stablehlo.custom_call @mosaic_gpu")
+  assert kernels == (1 if fused else 2), kernels
   dq, dk, dv = jax.eval_shape(fn, q, kv, kv, q, lse, q)
   assert dq.shape == q.shape and dk.shape == dv.shape == kv.shape and dq.dtype == dk.dtype == jnp.bfloat16
 
@@ -513,20 +520,22 @@ def test_flash_attention_stacked_reads_one_entry_and_rejects_bad_stacks():
     pk.flash_attention_stacked(q, ks[:, :, :32], vs[:, :, :32], 0, mask)
 
 
-@pytest.mark.parametrize("pingpong,splits", [(False, None), (True, None), (False, 3)])
-def test_mosaic_backward_in_gpu_interpreter(pingpong, splits):
+@pytest.mark.parametrize("pingpong,splits,fused", [(False, None, False), (True, None, False), (False, 3, False),
+                                                    (False, None, True), (False, 3, True)])
+def test_mosaic_backward_in_gpu_interpreter(pingpong, splits, fused):
   """dq and dk/dv kernels in jax's Mosaic GPU interpreter: grouped heads, ragged lengths, rows with no
   allowed key (a whole query tile of them), keys no row may see (a whole key tile), several intervals per
   row, more tiles than ring slots; against float64 gradients. pingpong: the two consumer warpgroups'
   alternating schedule (a barrier phase count that differs between them would hang or fail here). splits:
   three CTAs per key tile share its query tiles, parts that cut its list inside the partial tiles, at their
-  end and inside the full ones, and parts with no tile (the key tile no row sees)."""
+  end and inside the full ones, and parts with no tile (the key tile no row sees). fused: dQ formed in the
+  dk/dv kernel (its per-warpgroup products, which the GPU TMA-adds, stored and summed here)."""
   plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
   if not hasattr(plgpu, "InterpretGPUParams"):
     pytest.skip("this jax has no Mosaic GPU interpreter")
   rng = np.random.default_rng()
   lq, lk = int(rng.integers(290, 360)), int(rng.integers(400, 450))
-  e = int(rng.integers(130, 150))  # rows [0, e) allow nothing: query tile 0 has no key tile
+  e = int(rng.integers(130, min(150, lq // 2)))  # rows [0, e) allow nothing: query tile 0 has no key tile
   # keys [256, 384) (key tile 2) allowed to no row
   mask = Mask.from_ranges(lq, lk, [(e, lq, 0, int(rng.integers(40, 90))), (e, lq // 2, 100, 190),
                                    (lq // 2, lq, 150, 250), (lq // 2, lq, 390, lk)])
@@ -537,7 +546,7 @@ def test_mosaic_backward_in_gpu_interpreter(pingpong, splits):
   # large as dP and an error in its term shows in the gradients
   o, lse = mosaic.forward(q, k, v, mask, sm_scale=0.3, interpret=interp)
   grads = mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=0.3, interpret=interp,
-                          cfg=mosaic.MosaicBwdConfig(pingpong=pingpong, dkdv_splits=splits))
+                          cfg=mosaic.MosaicBwdConfig(pingpong=pingpong, dkdv_splits=splits, fused_dq=fused))
   ref, run = _ref64(mask, sm_scale=0.3)
   want = run(lambda q, k, v, do: jax.vjp(ref, q, k, v)[1](do), q, k, v, do)
   for name, got, w in zip(("dq", "dk", "dv"), grads, want):
@@ -545,6 +554,11 @@ def test_mosaic_backward_in_gpu_interpreter(pingpong, splits):
     assert _rel(got, w) < TOL[jnp.bfloat16], name
   assert np.all(np.asarray(grads[0])[:, :e] == 0)  # rows with nothing allowed get no gradient
   assert np.all(np.asarray(grads[1])[:, 256:384] == 0) and np.all(np.asarray(grads[2])[:, 256:384] == 0)
+  if splits and not fused:   # fp32 partial dk/dv: no less accurate than one CTA per key tile
+    whole = mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=0.3, interpret=interp,
+                            cfg=mosaic.MosaicBwdConfig(dkdv_splits=1))
+    for got, one, w in zip(grads[1:], whole[1:], want[1:]):
+      assert _rel(got, w) <= 1.05 * _rel(one, w)
 
 
 def test_auto_dkdv_splits():

@@ -1,6 +1,7 @@
 """The one-off A/B driver of this log directory (2026-11-26), kept with its logs.
 
-AB=gelu,delta,bk,split,qkv restores the old behaviour of each named change by monkeypatching, then runs SCRIPT
+AB=gelu,delta,bk,split,qkv restores the old behaviour of each named change by monkeypatching (FUSED=1 switches
+on `MosaicBwdConfig(fused_dq=True)`), then runs SCRIPT
 (default benchmarks/train_step.py) with the given arguments. Run from the repo root, e.g.
   AB=gelu,delta,bk python3 benchmarks/logs/2026-11-26_tf_step/ab_driver.py --recipes tf --remat attention_out_only
 """
@@ -17,6 +18,8 @@ if "delta" in old:
 if "bk" in old or "split" in old:
   M.backward.__kwdefaults__["cfg"] = M.MosaicBwdConfig(dq_block_k=64 if "bk" in old else 128,
                                                        dkdv_splits=1 if "split" in old else None)
+if os.environ.get("FUSED"):   # the other way round: a new option switched on
+  M.backward.__kwdefaults__["cfg"] = M.MosaicBwdConfig(fused_dq=True)
 if "qkv" in old:
   L.WanAttention._qkv_linear = lambda self, x: (self.to_q(x), self.to_k(x), self.to_v(x))
 print("AB old:", sorted(old), flush=True)
