@@ -416,7 +416,8 @@ class MosaicBwdConfig:
   there are fewer than 4 CTAs per SM (few keys, many queries: the text cross-attention has 4 key tiles a head
   against 512 query tiles).
   fused_dq: no dq kernel; the dk/dv kernel also forms dQ += dS K per tile and TMA-adds it into an fp32
-  accumulator (5 matmuls a tile instead of the two kernels' 7; dq_* fields then unused); off until timed."""
+  accumulator (5 matmuls a tile instead of the two kernels' 7; dq_* fields then unused). Off: as written it
+  is 22-33% slower on an H100 (each tile's dQ product and store stall the consumers; RESULTS.md)."""
   dq_block_k: int = 128
   dq_stages: int = 2
   dkdv_block_q: int = 64

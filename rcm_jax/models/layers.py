@@ -140,9 +140,9 @@ class WanAttention(nn.Module):
 
   def _qkv_linear(self, x):
     """to_q, to_k, to_v of the same x [B, L, D] as one GEMM against their concatenated kernels -> three
-    [B, L, D]. The same products as three Dense calls (each output column is the same dot), but one
-    [D, 3D] GEMM fills the GPU where three [D, D] ones left a third of it idle at streaming chunk sizes
-    (4,680 tokens: 347 TFLOP/s each on an H100), and a scanned layer slices one weight instead of three."""
+    [B, L, D]. The same products as three Dense calls (each output column is the same dot) in one [D, 3D]
+    GEMM: on an H100 the Wan TF training step ran 1% faster; a 4,680-token streaming chunk's GEMM went from
+    347 TFLOP/s (each of three) to 411, within the cards' noise end to end (benchmarks/RESULTS.md)."""
     if self.is_initializing():
       return self.to_q(x), self.to_k(x), self.to_v(x)
     dt = self.config.compute_dtype
