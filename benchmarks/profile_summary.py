@@ -52,11 +52,16 @@ def _union_us(intervals) -> float:
   return busy
 
 
-def summarize(events: list) -> dict:
-  """{span_ms, busy_ms, idle_ms, kernels: [(name, class, calls, total_ms)], classes: {class: total_ms}}."""
+def device_kernels(events: list) -> list:
+  """The complete events ("ph": "X") of the device processes: the kernels and copies the device ran."""
   devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
              and "/device:" in str(e.get("args", {}).get("name", ""))}
-  kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in devices and "dur" in e]
+  return [e for e in events if e.get("ph") == "X" and e.get("pid") in devices and "dur" in e]
+
+
+def summarize(events: list) -> dict:
+  """{span_ms, busy_ms, idle_ms, kernels: [(name, class, calls, total_ms)], classes: {class: total_ms}}."""
+  kernels = device_kernels(events)
   if not kernels:
     return dict(span_ms=0.0, busy_ms=0.0, idle_ms=0.0, kernels=[], classes={})
   start = min(float(e["ts"]) for e in kernels)
@@ -77,11 +82,8 @@ def summarize(events: list) -> dict:
 def calls(events: list, pattern: str, first: int = 20) -> str:
   """The first `first` device calls whose kernel name matches `pattern` (a regex), in start order: start
   (ms from the first of them), duration and the event's HLO op where the trace names it."""
-  devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-             and "/device:" in str(e.get("args", {}).get("name", ""))}
   rx = re.compile(pattern)
-  hits = sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in devices and "dur" in e
-                 and rx.search(e["name"])), key=lambda e: float(e["ts"]))[:first]
+  hits = sorted((e for e in device_kernels(events) if rx.search(e["name"])), key=lambda e: float(e["ts"]))[:first]
   if not hits:
     return f"no device call matches {pattern!r}\n"
   t0 = float(hits[0]["ts"])

@@ -124,6 +124,12 @@ def _keep_intervals(x, idx, ivs, fill, *, per_row):
   return out
 
 
+def _tile_list(npart_ref, nfull_ref, width, tile):
+  """A tile's schedule list: (its offset in the tile lists, its partial tile count, its total tile count)."""
+  n_p = npart_ref[tile]
+  return tile * width, n_p, n_p + nfull_ref[tile]
+
+
 def _program(order_ref, npart_ref, nfull_ref, width, tile_axis, splits=1):
   """This CTA's place: (batch, head, tile, warpgroup, offset of the tile's list, its partial and total tile
   counts). Tiles are handed out heaviest first (`order_ref`). splits > 1: `splits` consecutive CTAs share a
@@ -131,7 +137,7 @@ def _program(order_ref, npart_ref, nfull_ref, width, tile_axis, splits=1):
   so a part's partial count is what remains of them past its start)."""
   idx = lax.axis_index(tile_axis)
   tile = order_ref[idx // splits if splits > 1 else idx]
-  n_p, n, base = npart_ref[tile], npart_ref[tile] + nfull_ref[tile], tile * width
+  base, n_p, n = _tile_list(npart_ref, nfull_ref, width, tile)
   if splits > 1:
     s = lax.rem(idx, splits)
     lo, hi = n * s // splits, n * (s + 1) // splits
@@ -191,8 +197,7 @@ def _forward_items(order_ref, npart_ref, nfull_ref, width, persistent_ctas, num_
     t = cta + i * persistent_ctas
     h, rest = lax.rem(t, num_heads), lax.div(t, num_heads)
     tile = order_ref[lax.rem(rest, num_tiles)]
-    n_p = npart_ref[tile]
-    return lax.div(rest, num_tiles), h, tile, tile * width, n_p, n_p + nfull_ref[tile]
+    return (lax.div(rest, num_tiles), h, tile, *_tile_list(npart_ref, nfull_ref, width, tile))
 
   return lax.div(total - cta + persistent_ctas - 1, persistent_ctas), item
 
@@ -667,7 +672,6 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
   lq_m = _round_up(lq, max(block, cfg.dkdv_block_q))
   lk_m = _round_up(lk, max(block, cfg.dq_block_k))
   sched = functools.partial(_schedule_inputs, "backward", q.dtype, d, mask, lq, lk, lq_m, lk_m)
-  dq_ins, dq_iv, dq_width = sched(block, cfg.dq_block_k, rowmajor=True)
   kv_ins, kv_iv, kv_width = sched(cfg.dkdv_block_q, block, rowmajor=False)
   delta = jnp.pad(softmax_delta(o, do), ((0, 0), (0, 0), (0, lq_m - lq)))
   lse = jnp.pad(lse[:, :, :lq], ((0, 0), (0, 0), (0, lq_m - lq)), constant_values=BIG)
@@ -682,18 +686,21 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
                 compiler_params=plgpu.CompilerParams(approx_math=True),
                 **({} if interpret is None else dict(interpret=interpret)))
 
-  # dq
-  n_iv, bk, st = dq_iv, cfg.dq_block_k, cfg.dq_stages
-  scratch = [
-      (tile(COMPUTE_WGS, ROWS_PER_WG, d), tile(COMPUTE_WGS, ROWS_PER_WG, d),
-       plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32), plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
-       plgpu.SMEM((COMPUTE_WGS, 2 * n_iv, ROWS_PER_WG), jnp.int32), tile(st, bk, d), tile(st, bk, d))
-      + (() if regs else (plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, bk), q.dtype),)),
-      (plgpu.Barrier(num_barriers=st), plgpu.Barrier(num_barriers=st), plgpu.Barrier(num_barriers=5 * COMPUTE_WGS)),
-      (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st),) * 2,
-      plgpu.Barrier(num_arrivals=COMPUTE_WGS),   # the ping-pong's (unused when off)
-  ]
-  if not cfg.fused_dq:
+  if cfg.fused_dq and cfg.pingpong:
+    raise ValueError("MosaicBwdConfig: fused_dq and pingpong do not go together; set one of them False.")
+  if not cfg.fused_dq:   # dq (fused_dq: formed in the dk/dv kernel below)
+    dq_ins, n_iv, dq_width = sched(block, cfg.dq_block_k, rowmajor=True)
+    bk, st = cfg.dq_block_k, cfg.dq_stages
+    scratch = [
+        (tile(COMPUTE_WGS, ROWS_PER_WG, d), tile(COMPUTE_WGS, ROWS_PER_WG, d),
+         plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32), plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
+         plgpu.SMEM((COMPUTE_WGS, 2 * n_iv, ROWS_PER_WG), jnp.int32), tile(st, bk, d), tile(st, bk, d))
+        + (() if regs else (plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, bk), q.dtype),)),
+        (plgpu.Barrier(num_barriers=st), plgpu.Barrier(num_barriers=st),
+         plgpu.Barrier(num_barriers=5 * COMPUTE_WGS)),
+        (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=st),) * 2,
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),   # the ping-pong's (unused when off)
+    ]
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, width=dq_width, block_k=bk, stages=st, n_iv=n_iv, **common),
         out_type=jax.ShapeDtypeStruct((b, lq_m, h, d), q.dtype), scratch_types=scratch,
@@ -716,8 +723,6 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
   stage = plgpu.SMEM((COMPUTE_WGS, bq, d), jnp.float32,
                      transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
   if cfg.fused_dq:
-    if cfg.pingpong:
-      raise ValueError("MosaicBwdConfig: fused_dq and pingpong do not go together; set one of them False.")
     scratch.append((tile(COMPUTE_WGS, ROWS_PER_WG, bq), stage))
     # interpreter: one block per (program, warpgroup, batch), summed below (no TMA reduction there)
     acc_rows = b if regs else programs * COMPUTE_WGS * b
