@@ -141,10 +141,9 @@ class _FlashAttention(hijax.HiPrim):
 
   def _forward(self, q, k, v):
     p = self.plan
+    if p.fwd_backend == "mosaic":   # unpadded: mosaic pads only for its interpreter (`mosaic._pad_len`)
+      return mosaic.forward(q, k, v, p.mask, sm_scale=p.sm_scale)
     qp, kp, vp = p.padded(q, k, v)
-    if p.fwd_backend == "mosaic":
-      o, lse = mosaic.forward(qp, kp, vp, p.mask, sm_scale=p.sm_scale)
-      return o[:, :q.shape[1]], lse
     o, lse = kernels.forward(qp, kp, vp, p.sched(p.fwd), p.fwd, sm_scale=p.sm_scale, interpret=p.interpret)
     return o[:, :q.shape[1]], lse
 

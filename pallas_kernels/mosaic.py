@@ -107,8 +107,19 @@ def _schedule_inputs(who: str, dtype, d: int, mask: Mask, lq: int, lk: int, lq_m
   return ins, starts.shape[0], lists[4]
 
 
-def _pad_len(x, length):
-  return x if x.shape[1] == length else jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+def _pad_len(x, length, interpret):
+  """x [B, L, ...] zero-padded along L to the tile multiple `length` for the interpreter, and on the GPU only to
+  a multiple of 8 rows (the row tiling of the TMA copies): TMA reads rows past the end as zeros and drops
+  stores past it, so a longer pad would only cost a copy of x (at the TF step's 65,520 tokens, ten copies a
+  layer)."""
+  n = _out_len(x.shape[1], length, interpret)
+  return x if x.shape[1] == n else jnp.pad(x, ((0, 0), (0, n - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+
+
+def _out_len(length, padded, interpret):
+  """Rows of a kernel operand or output of `length` rows whose tiles span `padded`: all of them in the
+  interpreter, the next multiple of 8 on the GPU (TMA drops the stores past it)."""
+  return _round_up(length, 8) if interpret is None else padded
 
 
 def _keep_intervals(x, idx, ivs, fill, *, per_row):
@@ -359,7 +370,7 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
   lq_m, lk_m = _round_up(lq, cfg.block_q), _round_up(lk, cfg.block_k)
   ins, n_iv, width = _schedule_inputs("forward", q.dtype, d, mask, lq, lk, lq_m, lk_m, cfg.block_q, cfg.block_k,
                                      rowmajor=True)
-  qp, kp, vp = _pad_len(q, lq_m), _pad_len(k, lk_m), _pad_len(v, lk_m)
+  qp, kp, vp = (_pad_len(x, n, interpret) for x, n in ((q, lq_m), (k, lk_m), (v, lk_m)))
   stages = cfg.stages
   smem_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   scratch = [
@@ -675,7 +686,8 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
   kv_ins, kv_iv, kv_width = sched(cfg.dkdv_block_q, block, rowmajor=False)
   delta = jnp.pad(softmax_delta(o, do), ((0, 0), (0, 0), (0, lq_m - lq)))
   lse = jnp.pad(lse[:, :, :lq], ((0, 0), (0, 0), (0, lq_m - lq)), constant_values=BIG)
-  qp, dop, kp, vp = _pad_len(q, lq_m), _pad_len(do.astype(q.dtype), lq_m), _pad_len(k, lk_m), _pad_len(v, lk_m)
+  qp, dop, kp, vp = (_pad_len(x, n, interpret)
+                    for x, n in ((q, lq_m), (do.astype(q.dtype), lq_m), (k, lk_m), (v, lk_m)))
   group = h // hkv
   regs = interpret is None
   smem_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -703,7 +715,7 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
     ]
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, width=dq_width, block_k=bk, stages=st, n_iv=n_iv, **common),
-        out_type=jax.ShapeDtypeStruct((b, lq_m, h, d), q.dtype), scratch_types=scratch,
+        out_type=jax.ShapeDtypeStruct((b, _out_len(lq, lq_m, interpret), h, d), q.dtype), scratch_types=scratch,
         grid=(h, lq_m // block, b), grid_names=("heads", "q_seq", "batch"), **launch,
     )(*dq_ins, qp, kp, vp, dop, lse, delta)
 
@@ -732,7 +744,8 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
   dk, dv = plgpu.kernel(
       functools.partial(_dkdv_kernel, width=kv_width, block_q=bq, stages=st, n_iv=n_iv, splits=splits,
                         fused_dq=cfg.fused_dq, **common),
-      out_type=[jax.ShapeDtypeStruct((splits * b, lk_m, h, d), jnp.float32 if splits > 1 else q.dtype)] * 2,
+      out_type=[jax.ShapeDtypeStruct((splits * b, _out_len(lk, lk_m, interpret), h, d),
+                                     jnp.float32 if splits > 1 else q.dtype)] * 2,
       scratch_types=scratch,
       grid=(h, programs, b), grid_names=("heads", "k_seq", "batch"), **launch,
   )(*kv_ins, qp, kp, vp, dop, lse, delta, *extra)
@@ -740,7 +753,7 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
     acc = extra[0][...].reshape(-1, b, lq_m, h, d).sum(0)
     dq = (acc * sm_scale).astype(q.dtype)
   if splits > 1 or group > 1:   # the split parts and the query heads of a k/v head, summed in fp32
-    dk, dv = (x.reshape(splits, b, lk_m, hkv, group, d).astype(jnp.float32).sum((0, 4)).astype(q.dtype)
+    dk, dv = (x.reshape(splits, b, x.shape[1], hkv, group, d).astype(jnp.float32).sum((0, 4)).astype(q.dtype)
               for x in (dk, dv))
   return dq[:, :lq], dk[:, :lk], dv[:, :lk]
 
@@ -884,12 +897,12 @@ def forward_jvp(q, k, v, tq, tk, tv, mask: Mask, *, sm_scale: float, cfg: Mosaic
   lq_m, lk_m = _round_up(lq, block_q), _round_up(lk, max(block_q, cfg.block_k))
   ins, n_iv, width = _schedule_inputs("forward_jvp", q.dtype, d, mask, lq, lk, lq_m, lk_m, block_q, cfg.block_k,
                                      rowmajor=True)
-  qp, kp, vp = _pad_len(q, lq_m), _pad_len(k, lk_m), _pad_len(v, lk_m)
+  qp, kp, vp = (_pad_len(x, n, interpret) for x, n in ((q, lq_m), (k, lk_m), (v, lk_m)))
   # absent tangents are not read (static flags); a 1-row dummy fills their argument slot
   dummy = lambda x: jnp.zeros((1, 1, x.shape[2], d), q.dtype)
-  tqp = dummy(q) if tq is None else _pad_len(tq.astype(q.dtype), lq_m)
-  tkp = dummy(k) if tk is None else _pad_len(tk.astype(q.dtype), lk_m)
-  tvp = dummy(v) if tv is None else _pad_len(tv.astype(q.dtype), lk_m)
+  tqp = dummy(q) if tq is None else _pad_len(tq.astype(q.dtype), lq_m, interpret)
+  tkp = dummy(k) if tk is None else _pad_len(tk.astype(q.dtype), lk_m, interpret)
+  tvp = dummy(v) if tv is None else _pad_len(tv.astype(q.dtype), lk_m, interpret)
   regs = interpret is None
   bk, st = cfg.block_k, cfg.stages
   smem_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))

@@ -520,16 +520,18 @@ def test_flash_attention_stacked_reads_one_entry_and_rejects_bad_stacks():
     pk.flash_attention_stacked(q, ks[:, :, :32], vs[:, :, :32], 0, mask)
 
 
-@pytest.mark.parametrize("pingpong,splits,fused", [(False, None, False), (True, None, False), (False, 3, False),
-                                                    (False, None, True), (False, 3, True)])
-def test_mosaic_backward_in_gpu_interpreter(pingpong, splits, fused):
+@pytest.mark.parametrize("pingpong,splits,fused,d", [(False, None, False, 64), (True, None, False, 64),
+                                                      (False, 3, False, 64), (False, None, True, 64),
+                                                      (False, 3, True, 64), (False, None, False, 128)])
+def test_mosaic_backward_in_gpu_interpreter(pingpong, splits, fused, d):
   """dq and dk/dv kernels in jax's Mosaic GPU interpreter: grouped heads, ragged lengths, rows with no
   allowed key (a whole query tile of them), keys no row may see (a whole key tile), several intervals per
   row, more tiles than ring slots; against float64 gradients. pingpong: the two consumer warpgroups'
   alternating schedule (a barrier phase count that differs between them would hang or fail here). splits:
   three CTAs per key tile share its query tiles, parts that cut its list inside the partial tiles, at their
   end and inside the full ones, and parts with no tile (the key tile no row sees). fused: dQ formed in the
-  dk/dv kernel (its per-warpgroup products, which the GPU TMA-adds, stored and summed here)."""
+  dk/dv kernel (its per-warpgroup products, which the GPU TMA-adds, stored and summed here). d: the head
+  dimension (128: Wan's, two swizzle tiles a row)."""
   plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
   if not hasattr(plgpu, "InterpretGPUParams"):
     pytest.skip("this jax has no Mosaic GPU interpreter")
@@ -539,7 +541,7 @@ def test_mosaic_backward_in_gpu_interpreter(pingpong, splits, fused):
   # keys [256, 384) (key tile 2) allowed to no row
   mask = Mask.from_ranges(lq, lk, [(e, lq, 0, int(rng.integers(40, 90))), (e, lq // 2, 100, 190),
                                    (lq // 2, lq, 150, 250), (lq // 2, lq, 390, lk)])
-  q, k, v = _inputs(rng, 1, lq, lk, 4, 2, 64, jnp.bfloat16)
+  q, k, v = _inputs(rng, 1, lq, lk, 4, 2, d, jnp.bfloat16)
   do = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
   interp = plgpu.InterpretGPUParams()
   # a sharp softmax (scale 0.3 > 64 ** -0.5): o is close to one value row, so delta = rowsum(dO * o) is as
@@ -588,3 +590,13 @@ def test_mosaic_forward_jvp_in_gpu_interpreter(present):
   want_o, want_t = run(lambda *a: jax.jvp(ref, a[:3], a[3:]), q, k, v, *zeros)
   assert _rel(o, want_o) < TOL[jnp.bfloat16] and _rel(to, want_t) < TOL[jnp.bfloat16]
   assert np.all(np.asarray(o)[:, :e] == 0) and np.all(np.asarray(to)[:, :e] == 0)
+
+
+def test_mosaic_backward_config_error():
+  """Backward options that do not go together fail before any kernel is built, naming the fields."""
+  mask, lq, q, kv = _lowering_case(128, (4, 2))
+  lse = jax.ShapeDtypeStruct((1, 4, lq), jnp.float32)
+  cfg = mosaic.MosaicBwdConfig(fused_dq=True, pingpong=True)
+  fn = lambda q, k, v, o, lse, do: mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=0.1, cfg=cfg)
+  with pytest.raises(ValueError, match="fused_dq and pingpong"):
+    jax.eval_shape(fn, q, kv, kv, q, lse, q)
