@@ -108,10 +108,10 @@ def _schedule_inputs(who: str, dtype, d: int, mask: Mask, lq: int, lk: int, lq_m
 
 
 def _pad_len(x, length, interpret):
-  """x [B, L, ...] zero-padded along L to the tile multiple `length` for the interpreter, and on the GPU only to
-  a multiple of 8 rows (the row tiling of the TMA copies): TMA reads rows past the end as zeros and drops
-  stores past it, so a longer pad would only cost a copy of x (at the TF step's 65,520 tokens, ten copies a
-  layer)."""
+  """x [B, L, ...] zero-padded along L to the tile multiple `length` for the interpreter (no bounds handling
+  there), and on the GPU only to a multiple of 8 rows (the row tiling of the TMA copies): TMA reads rows past
+  the end as zeros and drops stores past it, so a longer pad only costs a copy. On an H100 the text
+  cross-attention (65,520 x 512) took 1.40 instead of 1.80 ms backward (benchmarks/RESULTS.md)."""
   n = _out_len(x.shape[1], length, interpret)
   return x if x.shape[1] == n else jnp.pad(x, ((0, 0), (0, n - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
 
@@ -347,8 +347,11 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_re
 
 def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicConfig(), interpret=None,
             kv_index=None):
-  """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (any Lq, Lk; zero-padded here) -> (o [B, Lq, H, D],
+  """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (any Lq, Lk; `_pad_len`) -> (o [B, Lq, H, D],
   lse2 [B, H, Lq] f32). `mask` has shape (Lq, Lk) or smaller (padded rows/keys beyond it allow nothing).
+  o is written padded to the tile multiple and sliced: written unpadded, it made XLA run this kernel a second
+  time per layer in the TF training step's backward pass (3385 instead of 3025 ms on an H100; cause not
+  found), so only the inputs go unpadded.
   interpret: passed to `plgpu.kernel` (jax >= 0.12 has a Mosaic GPU interpreter that runs on the CPU:
   barriers, TMA copies and wgmma emulated; the kernel logic test uses it).
   kv_index (an int32 scalar, may be traced): k/v are stacks [N, B, Lk, Hkv, D] and the kernel reads entry
@@ -672,7 +675,7 @@ def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_re
 def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwdConfig = MosaicBwdConfig(),
              interpret=None):
   """q, o, do [B, Lq, H, D]; k, v [B, Lk, Hkv, D]; lse2 [B, H, >= Lq] from a forward kernel -> (dq, dk, dv)
-  in the inputs' dtype. Any Lq, Lk (zero-padded here; padded rows get lse2 = BIG, so they add nothing).
+  in the inputs' dtype. Any Lq, Lk (`_pad_len`; rows past Lq get lse2 = BIG and zero dO, so they add nothing).
   `unsupported_reason` decides which calls it takes (the same rules as the forward)."""
   import jax.experimental.pallas as pl  # noqa: PLC0415
   import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
@@ -886,7 +889,7 @@ def _jvp_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref
 
 def forward_jvp(q, k, v, tq, tk, tv, mask: Mask, *, sm_scale: float, cfg: MosaicJvpConfig = MosaicJvpConfig(),
                 interpret=None):
-  """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] and their tangents (None = symbolic zero; any Lq, Lk, zero-padded
+  """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] and their tangents (None = symbolic zero; any Lq, Lk, `_pad_len`
   here) -> (o, o_dot), both [B, Lq, H, D]. `unsupported_reason` decides which calls it takes."""
   import jax.experimental.pallas as pl  # noqa: PLC0415
   import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
