@@ -436,7 +436,9 @@ class MosaicBwdConfig:
   against 512 query tiles).
   fused_dq: no dq kernel; the dk/dv kernel also forms dQ += dS K per tile and TMA-adds it into an fp32
   accumulator (5 matmuls a tile instead of the two kernels' 7; dq_* fields then unused). Off: as written it
-  is 22-33% slower on an H100 (each tile's dQ product and store stall the consumers; RESULTS.md)."""
+  is 22-33% slower on an H100 (each tile's dQ product and store stall the consumers; RESULTS.md). A version
+  with FlashAttention-3's split (dS shared through shared memory, each warpgroup forming half of dQ's columns
+  over all the CTA's keys: half the TMA-added bytes) was slower still, 40% over the default (RESULTS.md, run 6)."""
   dq_block_k: int = 128
   dq_stages: int = 2
   dkdv_block_q: int = 64
