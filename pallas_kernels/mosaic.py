@@ -438,7 +438,7 @@ class MosaicBwdConfig:
   accumulator (5 matmuls a tile instead of the two kernels' 7; dq_* fields then unused). Off: as written it
   is 22-33% slower on an H100 (each tile's dQ product and store stall the consumers; RESULTS.md). A version
   with FlashAttention-3's split (dS shared through shared memory, each warpgroup forming half of dQ's columns
-  over all the CTA's keys: half the TMA-added bytes) was slower still, 40% over the default (RESULTS.md, run 6)."""
+  over all the CTA's keys: half the TMA-added bytes) was slower still, 28-40% over the default (RESULTS.md, run 6)."""
   dq_block_k: int = 128
   dq_stages: int = 2
   dkdv_block_q: int = 64
