@@ -891,8 +891,8 @@ def _jvp_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref
 
 def forward_jvp(q, k, v, tq, tk, tv, mask: Mask, *, sm_scale: float, cfg: MosaicJvpConfig = MosaicJvpConfig(),
                 interpret=None):
-  """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] and their tangents (None = symbolic zero; any Lq, Lk, `_pad_len`
-  here) -> (o, o_dot), both [B, Lq, H, D]. `unsupported_reason` decides which calls it takes."""
+  """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] and their tangents (None = symbolic zero; any Lq, Lk:
+  `_pad_len`) -> (o, o_dot), both [B, Lq, H, D]. `unsupported_reason` decides which calls it takes."""
   import jax.experimental.pallas as pl  # noqa: PLC0415
   import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415
 
