@@ -349,9 +349,10 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
             kv_index=None):
   """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (any Lq, Lk; `_pad_len`) -> (o [B, Lq, H, D],
   lse2 [B, H, Lq] f32). `mask` has shape (Lq, Lk) or smaller (padded rows/keys beyond it allow nothing).
-  o is written padded to the tile multiple and sliced: written unpadded, it made XLA run this kernel a second
-  time per layer in the TF training step's backward pass (3385 instead of 3025 ms on an H100; cause not
-  found), so only the inputs go unpadded.
+  o is written padded to the tile multiple and sliced: written unpadded, the compiled TF training step ran this
+  kernel a second time per layer in its backward pass (3385 instead of 3025 ms on an H100). The lowered
+  StableHLO holds one call per attention either way (jax 0.11.2 and 0.12), so an XLA pass made the copy;
+  which one was not found. Only the inputs go unpadded.
   interpret: passed to `plgpu.kernel` (jax >= 0.12 has a Mosaic GPU interpreter that runs on the CPU:
   barriers, TMA copies and wgmma emulated; the kernel logic test uses it).
   kv_index (an int32 scalar, may be traced): k/v are stacks [N, B, Lk, Hkv, D] and the kernel reads entry
