@@ -139,16 +139,16 @@ class _FlashAttention(hijax.HiPrim):
     self.params = dict(plan=plan)
     super().__init__()
 
-  def _forward(self, q, k, v):
+  def _forward(self, q, k, v, differentiated=True):
     p = self.plan
     if p.fwd_backend == "mosaic":   # unpadded: mosaic pads only for its interpreter (`mosaic._pad_len`)
-      return mosaic.forward(q, k, v, p.mask, sm_scale=p.sm_scale)
+      return mosaic.forward(q, k, v, p.mask, sm_scale=p.sm_scale, unpadded_o=not differentiated)
     qp, kp, vp = p.padded(q, k, v)
     o, lse = kernels.forward(qp, kp, vp, p.sched(p.fwd), p.fwd, sm_scale=p.sm_scale, interpret=p.interpret)
     return o[:, :q.shape[1]], lse
 
   def expand(self, q, k, v):
-    return self._forward(q, k, v)[0]
+    return self._forward(q, k, v, differentiated=False)[0]
 
   def vjp_fwd(self, nzs_in, q, k, v):
     del nzs_in
@@ -361,6 +361,6 @@ def flash_attention_stacked(q, k, v, index, mask: Mask | None = None, *, sm_scal
   if (d in SUPPORTED_HEAD_DIMS and lk % mosaic.MosaicConfig().block_k == 0
       and resolve_backend(backend, q.dtype, d, full, lq, lk, bool(interpret)) != "triton"):
     scale = float(d ** -0.5 if sm_scale is None else sm_scale)
-    return mosaic.forward(q, k, v, full, sm_scale=scale, kv_index=index)[0]
+    return mosaic.forward(q, k, v, full, sm_scale=scale, kv_index=index, unpadded_o=True)[0]
   take = lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False)
   return flash_attention(q, take(k), take(v), mask, sm_scale=sm_scale, interpret=interpret, backend=backend)

@@ -346,13 +346,14 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_re
 
 
 def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicConfig(), interpret=None,
-            kv_index=None):
+            kv_index=None, unpadded_o=False):
   """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (any Lq, Lk; `_pad_len`) -> (o [B, Lq, H, D],
   lse2 [B, H, Lq] f32). `mask` has shape (Lq, Lk) or smaller (padded rows/keys beyond it allow nothing).
-  o is written padded to the tile multiple and sliced: written unpadded, the compiled TF training step ran this
-  kernel a second time per layer in its backward pass (3385 instead of 3025 ms on an H100). The lowered
-  StableHLO holds one call per attention either way (jax 0.11.2 and 0.12), so an XLA pass made the copy;
-  which one was not found. Only the inputs go unpadded.
+  unpadded_o: o written with Lq rows (`_out_len`) instead of the tile multiple and a slice (a copy). The callers
+  outside autodiff pass True (`flash_attention`'s plain forward, `flash_attention_stacked`). Differentiated
+  calls keep the padded o: with it unpadded, the compiled TF training step ran this kernel a second time per
+  layer in its backward pass (3385 instead of 3025 ms on an H100). The lowered StableHLO holds one call per
+  attention either way (jax 0.11.2 and 0.12), so an XLA pass made the copy; which one was not found.
   interpret: passed to `plgpu.kernel` (jax >= 0.12 has a Mosaic GPU interpreter that runs on the CPU:
   barriers, TMA copies and wgmma emulated; the kernel logic test uses it).
   kv_index (an int32 scalar, may be traced): k/v are stacks [N, B, Lk, Hkv, D] and the kernel reads entry
@@ -400,7 +401,8 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
     grid, names = (h, num_tiles, b), ("heads", "q_seq", "batch")
   o, lse = plgpu.kernel(
       kernel,
-      out_type=[jax.ShapeDtypeStruct((b, lq_m, h, d), q.dtype), jax.ShapeDtypeStruct((b, h, lq_m), jnp.float32)],
+      out_type=[jax.ShapeDtypeStruct((b, _out_len(lq, lq_m, interpret) if unpadded_o else lq_m, h, d), q.dtype),
+                jax.ShapeDtypeStruct((b, h, lq_m), jnp.float32)],
       scratch_types=scratch,
       grid=grid,
       grid_names=names,

@@ -606,19 +606,22 @@ def test_mosaic_backward_config_error():
 def test_mosaic_kernels_lower_for_hopper_at_ragged_lengths(lq, lk):
   """On the GPU the kernels take q/k/v/dO unpadded but for a multiple of 8 rows (TMA's row tiling; lengths
   that are not one failed to lower before `_pad_len` padded them to it): forward, backward and JVP lower
-  at lengths that are multiples of neither 8 nor the tiles, and the results keep the callers' shapes."""
+  at lengths that are multiples of neither 8 nor the tiles (the forward's o also unpadded), and the results
+  keep the callers' shapes."""
   mask = Mask.from_ranges(lq, lk, [(0, lq, 0, lk // 2), (lq // 3, lq, lk // 2, lk)])
   q = jax.ShapeDtypeStruct((1, lq, 4, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, lk, 2, 128), jnp.bfloat16)
   lse = jax.ShapeDtypeStruct((1, 4, lq), jnp.float32)
   fns = [(lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=0.1), (q, kv, kv)),
          (lambda q, k, v, o, lse, do: mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=0.1), (q, kv, kv, q, lse, q)),
-         (lambda *a: mosaic.forward_jvp(*a, mask, sm_scale=0.1), (q, kv, kv, q, kv, kv))]
+         (lambda *a: mosaic.forward_jvp(*a, mask, sm_scale=0.1), (q, kv, kv, q, kv, kv)),
+         (lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=0.1, unpadded_o=True), (q, kv, kv))]
   for fn, args in fns:
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-  o, lse2 = jax.eval_shape(fns[0][0], q, kv, kv)
-  assert o.shape == q.shape and lse2.shape == (1, 4, lq)
+  for fwd in (fns[0][0], fns[3][0]):   # o padded and sliced, or written unpadded
+    o, lse2 = jax.eval_shape(fwd, q, kv, kv)
+    assert o.shape == q.shape and lse2.shape == (1, 4, lq)
   assert [g.shape for g in jax.eval_shape(fns[1][0], q, kv, kv, q, lse, q)] == [q.shape, kv.shape, kv.shape]
 
 
