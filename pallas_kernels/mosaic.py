@@ -740,15 +740,16 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
   splits = cfg.dkdv_splits or auto_dkdv_splits(h * b * (lk_m // block), kv_width)
   programs = lk_m // block * splits
   extra = ()
-  stage = plgpu.SMEM((COMPUTE_WGS, bq, d), jnp.float32,
-                     transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+  # the fp32 staging tile of the dQ products (fused_dq) or of the partial dk, dv (splits > 1)
+  stage = lambda: plgpu.SMEM((COMPUTE_WGS, bq, d), jnp.float32,
+                             transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
   if cfg.fused_dq:
-    scratch.append((tile(COMPUTE_WGS, ROWS_PER_WG, bq), stage))
+    scratch.append((tile(COMPUTE_WGS, ROWS_PER_WG, bq), stage()))
     # interpreter: one block per (program, warpgroup, batch), summed below (no TMA reduction there)
     acc_rows = b if regs else programs * COMPUTE_WGS * b
     extra = (jax.new_ref(jnp.zeros((acc_rows, lq_m, h, d), jnp.float32)),)
   elif splits > 1:
-    scratch.append((stage,))
+    scratch.append((stage(),))
   dk, dv = plgpu.kernel(
       functools.partial(_dkdv_kernel, width=kv_width, block_q=bq, stages=st, n_iv=n_iv, splits=splits,
                         fused_dq=cfg.fused_dq, **common),
