@@ -2,7 +2,7 @@
 
 AB=pado makes every Mosaic forward write its o padded to the tile multiple and slice it (`unpadded_o` off),
 as before `mosaic.forward(unpadded_o=)`: the A/B for the plain forwards of `flash_attention` and
-`flash_attention_stacked`. Then runs SCRIPT (default benchmarks/train_step.py) with the given arguments.
+`flash_attention_stacked`. AB=rope restores the RoPE written as a stack of the rotated halves. Then runs SCRIPT (default benchmarks/train_step.py) with the given arguments.
 Run from the repo root, e.g.
   AB=pado SCRIPT=benchmarks/attention.py python3 benchmarks/logs/2026-11-26_s11/ab_driver.py --bench ...
 """
@@ -16,6 +16,20 @@ if "pado" in old:
     kwargs["unpadded_o"] = False
     return _forward(*args, **kwargs)
   M.forward = forward
+if "rope" in old:
+  import jax.numpy as jnp
+  import rcm_jax.models.layers as layers
+
+  def apply_rope(x, cos, sin):
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    b, length, h, d = x.shape
+    pairs = x.astype(acc).reshape(b, length, h, d // 2, 2)
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    c = cos.astype(acc)[None, :, None, :]
+    s = sin.astype(acc)[None, :, None, :]
+    out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+    return out.reshape(b, length, h, d).astype(x.dtype)
+  layers.apply_rope = apply_rope
 print("AB old:", sorted(old), flush=True)
 script = os.environ.get("SCRIPT", "benchmarks/train_step.py")
 sys.argv = [script] + sys.argv[1:]
