@@ -229,6 +229,34 @@ def test_gelu_tanh_derivatives_match_nn_gelu_float64():
   np.testing.assert_allclose(np.asarray(gb, np.float32), g32, rtol=1e-2, atol=1e-2)
 
 
+def test_fused_linears_equal_separate_linears_float64():
+  """layers.fused_linears (the q/k/v projection as one GEMM): value, jvp in x alone, in the kernels alone and in
+  everything, and grads equal three separate x @ W + b (float64, random shapes). Its backward pass holds no
+  concatenation of the outputs' cotangents (only the forward's [Din, sum Dout] kernel concatenation)."""
+  from rcm_jax.models.layers import fused_linears
+  rng = np.random.default_rng()
+  din, douts = int(rng.integers(3, 9)), tuple(int(d) for d in rng.integers(2, 7, size=3))
+  sep = lambda x, ks, bs: tuple(x @ k + b for k, b in zip(ks, bs))
+  with jax.enable_x64(True):
+    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape))
+    x, tx = arr(2, 5, din), arr(2, 5, din)
+    ks, tks = tuple(arr(din, d) for d in douts), tuple(arr(din, d) for d in douts)
+    bs, tbs = tuple(arr(d) for d in douts), tuple(arr(d) for d in douts)
+    close = lambda a, b: [np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12) for u, v in zip(a, b)]
+    close(fused_linears(x, ks, bs), sep(x, ks, bs))
+    close(jax.jvp(lambda x: fused_linears(x, ks, bs), (x,), (tx,))[1], jax.jvp(lambda x: sep(x, ks, bs), (x,), (tx,))[1])
+    close(jax.jvp(lambda k: fused_linears(x, k, bs), (ks,), (tks,))[1], jax.jvp(lambda k: sep(x, k, bs), (ks,), (tks,))[1])
+    close(jax.jvp(fused_linears, (x, ks, bs), (tx, tks, tbs))[1], jax.jvp(sep, (x, ks, bs), (tx, tks, tbs))[1])
+    weights = [arr(2, 5, d) for d in douts]
+    loss = lambda f: lambda *a: sum(jnp.sum(w * y ** 2) for w, y in zip(weights, f(*a)))
+    g, g_ref = jax.grad(loss(fused_linears), (0, 1, 2))(x, ks, bs), jax.grad(loss(sep), (0, 1, 2))(x, ks, bs)
+    close(jax.tree.leaves(g), jax.tree.leaves(g_ref))
+    hlo = jax.jit(jax.grad(loss(fused_linears), (0, 1, 2))).lower(x, ks, bs).as_text()
+    concats = [line for line in hlo.splitlines() if "concatenate" in line]
+    assert any(f"tensor<{din}x{sum(douts)}xf64>" in line for line in concats)    # the forward's kernels
+    assert not any(f"tensor<2x5x{sum(douts)}xf64>" in line for line in concats)  # no cotangent concatenation
+
+
 def test_apply_rope_is_a_complex_rotation_without_concatenate():
   """apply_rope rotates each interleaved pair (x[2j], x[2j+1]) as the complex number x[2j] + i x[2j+1] times
   exp(i angle) (Wan's rope_apply), float64 against numpy, random positions; bf16 within rounding of that. Its

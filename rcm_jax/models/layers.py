@@ -17,6 +17,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.mask import Mask
@@ -65,6 +66,38 @@ class TimestepEmbedding(nn.Module):
   def __call__(self, x):
     x = dense(self.dim, "linear_1", kernel_init=_embed_init)(at_least_f32(x))
     return dense(self.dim, "linear_2", kernel_init=_embed_init)(nn.silu(x))
+
+
+def _last_dim_matmul(x, w):  # x [..., Din] @ w [Din, Dout]
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+@jax.custom_jvp
+def fused_linears(x, kernels, biases):
+  """x [..., Din] -> tuple(x @ kernels[i] + biases[i]): one GEMM against the concatenated kernels, split.
+
+  The tangent (and so, transposed, the backward pass) takes one product per linear instead of the fused one:
+  the fused product's cotangent would be the concatenation of the outputs' cotangents, which XLA wrote out
+  ([tokens, 3 D] twice a layer in the Wan TF step) before the two backward GEMMs. Tangents that are symbolic
+  zeros (the params under `jax.jvp` in sCM) cost no product."""
+  y = _last_dim_matmul(x, jnp.concatenate(kernels, axis=1)) + jnp.concatenate(biases)
+  return tuple(jnp.split(y, np.cumsum([k.shape[1] for k in kernels])[:-1].tolist(), axis=-1))
+
+
+def _fused_linears_jvp(primals, tangents):
+  x, kernels, biases = primals
+  tx, tkernels, tbiases = tangents
+  outs = fused_linears(x, kernels, biases)
+  zero = lambda t: isinstance(t, jax.custom_derivatives.SymbolicZero)
+  touts = []
+  for out, kernel, tk, tb in zip(outs, kernels, tkernels, tbiases):
+    terms = ([] if zero(tx) else [_last_dim_matmul(tx, kernel)]) + (
+        [] if zero(tk) else [_last_dim_matmul(x, tk)]) + ([] if zero(tb) else [jnp.broadcast_to(tb, out.shape)])
+    touts.append(sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out))
+  return outs, tuple(touts)
+
+
+fused_linears.defjvp(_fused_linears_jvp, symbolic_zeros=True)
 
 
 class TextProjection(nn.Module):
@@ -140,17 +173,15 @@ class WanAttention(nn.Module):
 
   def _qkv_linear(self, x):
     """to_q, to_k, to_v of the same x [B, L, D] as one GEMM against their concatenated kernels -> three
-    [B, L, D]. The same products as three Dense calls (each output column is the same dot) in one [D, 3D]
-    GEMM: on an H100 the Wan TF training step ran 1% faster; a 4,680-token streaming chunk's GEMM went from
-    347 TFLOP/s (each of three) to 411, within the cards' noise end to end (benchmarks/RESULTS.md)."""
+    [B, L, D] (`fused_linears`). The same products as three Dense calls (each output column is the same dot) in
+    one [D, 3D] GEMM: on an H100 the Wan TF training step ran 1% faster; a 4,680-token streaming chunk's GEMM
+    went from 347 TFLOP/s (each of three) to 411, within the cards' noise end to end (benchmarks/RESULTS.md)."""
     if self.is_initializing():
       return self.to_q(x), self.to_k(x), self.to_v(x)
     dt = self.config.compute_dtype
     ps = [m.variables["params"] for m in (self.to_q, self.to_k, self.to_v)]
-    kernel = jnp.concatenate([p["kernel"] for p in ps], axis=1).astype(dt)     # [D, 3D]
-    bias = jnp.concatenate([p["bias"] for p in ps]).astype(dt)
-    y = jax.lax.dot_general(x.astype(dt), kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
-    return jnp.split(y, 3, axis=-1)
+    return fused_linears(x.astype(dt), tuple(p["kernel"].astype(dt) for p in ps),
+                         tuple(p["bias"].astype(dt) for p in ps))
 
   def project_qkv_raw(self, x):
     """Self-attention projections before RoPE: x [B, L, D] -> q, k, v [B, L, H, Dh] (q, k RMS-normed)."""

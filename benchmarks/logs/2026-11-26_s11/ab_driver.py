@@ -2,7 +2,8 @@
 
 AB=pado makes every Mosaic forward write its o padded to the tile multiple and slice it (`unpadded_o` off),
 as before `mosaic.forward(unpadded_o=)`: the A/B for the plain forwards of `flash_attention` and
-`flash_attention_stacked`. AB=rope restores the RoPE written as a stack of the rotated halves. Then runs SCRIPT (default benchmarks/train_step.py) with the given arguments.
+`flash_attention_stacked`. AB=rope restores the RoPE written as a stack of the rotated halves. AB=qkv restores the fused q/k/v
+projection whose backward concatenates the three cotangents (before `layers.fused_linears`). Then runs SCRIPT (default benchmarks/train_step.py) with the given arguments.
 Run from the repo root, e.g.
   AB=pado SCRIPT=benchmarks/attention.py python3 benchmarks/logs/2026-11-26_s11/ab_driver.py --bench ...
 """
@@ -30,6 +31,21 @@ if "rope" in old:
     out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
     return out.reshape(b, length, h, d).astype(x.dtype)
   layers.apply_rope = apply_rope
+if "qkv" in old:
+  import jax
+  import jax.numpy as jnp
+  import rcm_jax.models.layers as layers
+
+  def _qkv_linear(self, x):
+    if self.is_initializing():
+      return self.to_q(x), self.to_k(x), self.to_v(x)
+    dt = self.config.compute_dtype
+    ps = [m.variables["params"] for m in (self.to_q, self.to_k, self.to_v)]
+    kernel = jnp.concatenate([p["kernel"] for p in ps], axis=1).astype(dt)
+    bias = jnp.concatenate([p["bias"] for p in ps]).astype(dt)
+    y = jax.lax.dot_general(x.astype(dt), kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+    return jnp.split(y, 3, axis=-1)
+  layers.WanAttention._qkv_linear = _qkv_linear
 print("AB old:", sorted(old), flush=True)
 script = os.environ.get("SCRIPT", "benchmarks/train_step.py")
 sys.argv = [script] + sys.argv[1:]
