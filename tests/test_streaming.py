@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rcm_jax.inference import rollout
+from rcm_jax.models import masks
 from rcm_jax.models.config import get_config
 from rcm_jax.models.wan import WanModel, init_params
 from rcm_jax.recipes.causal import BlockPattern
@@ -100,6 +101,7 @@ def test_lookahead_dispatches_the_next_chunk_first_and_changes_no_frame():
 def test_in_place_chunk_attention_equals_concatenation(noisy_context, scan_layers):
   """A cache buffer with scratch rows (what `stream` allocates for post-RoPE caches in the compute dtype): each
   layer attends its entry of the stacked cache in place (layers unrolled, or scanned with the stacks carried).
+  Chunks whose slot is still empty sit in it; the others use the scratch rows and are moved to their slot.
   Chunk by chunk, the frames and the cache slots equal the concatenating path's, with stale values in the
   scratch and padding rows (the mask must hide them)."""
   pattern = BlockPattern(1, 2, local_blocks=2, sink_blocks=1)
@@ -115,9 +117,13 @@ def test_in_place_chunk_attention_equals_concatenation(noisy_context, scan_layer
   assert concat["k"].shape[2] == s and buffer["k"].shape[2] == rollout.CACHE_TOKEN_MULTIPLE
   junk = lambda x, i: x.at[:, :, s:].set(50 * jax.random.normal(jax.random.key(seed + i), x[:, :, s:].shape))
   buffer = {"k": junk(buffer["k"], 1), "v": junk(buffer["v"], 2)}
+  placed = []
   for i, (f0, f1) in enumerate(plan.blocks):
     geom = rollout.chunk_geometry(plan, i, 4, buffer["k"].shape[2])
-    assert geom.chunk_at == s and geom.mask.shape == (4 * (f1 - f0), buffer["k"].shape[2])
+    at = plan.writes[i]
+    assert geom.chunk_at == (at * 4 if geom.in_slot else s) and geom.mask.shape == (4 * (f1 - f0), buffer["k"].shape[2])
+    assert geom.in_slot == (at is not None and set(plan.views[i][at:at + f1 - f0]) == {-1})
+    placed.append(geom.in_slot)
     assert rollout.chunk_geometry(plan, i, 4, s).chunk_at is None
     kw = dict(plan=plan, i=i, times=schedules[i], noisy_context=noisy_context, rng=jax.random.key(seed + i))
     x_c, concat = rollout.chunk_step(model, params, concat, noise[:, f0:f1], rollout.slice_cond(cond, f0, f1),
@@ -127,6 +133,34 @@ def test_in_place_chunk_attention_equals_concatenation(noisy_context, scan_layer
     np.testing.assert_allclose(np.asarray(x_b), np.asarray(x_c), atol=3e-5, rtol=1e-5)
     for k in "kv":
       np.testing.assert_allclose(np.asarray(buffer[k][:, :, :s]), np.asarray(concat[k]), atol=3e-5, rtol=1e-5)
+  assert True in placed and placed.count(False) >= 2   # both kinds: in an empty slot, and moved from the scratch
+
+
+def test_chunk_in_its_empty_slot_mask_and_no_move():
+  """masks.chunk_vs_cache(chunk_at=) inside the cache: the chunk's own keys sit at its empty slot, every other
+  column as with the chunk after the cache; an occupied, misaligned or overflowing slot is refused. The in-slot
+  chunk call lowers with the two cache-row moves (k and v) fewer than the same chunk in the scratch rows."""
+  tpf, slots = 4, [0, -1, -1, 3, -1]
+  default = masks.chunk_vs_cache(slots, 4, 2, tpf, key_len=32).to_dense()
+  placed = masks.chunk_vs_cache(slots, 4, 2, tpf, key_len=32, chunk_at=4).to_dense()
+  assert default[:, 20:28].all() and placed[:, 4:12].all()
+  np.testing.assert_array_equal(np.delete(placed, np.s_[4:12], 1)[:, :12], np.delete(default, np.s_[4:12], 1)[:, :12])
+  for at in (0, 6, 12, 16):   # slot 0 and 3 occupied, 6 not a frame start, 16 past the cache
+    with pytest.raises(ValueError, match="empty frame slots"):
+      masks.chunk_vs_cache(slots, 4, 2, tpf, key_len=32, chunk_at=at)
+  model, params = WanModel(CFG), _params()
+  plan = rollout.make_plan(BlockPattern(1, 1), 3)
+  buffer = rollout.init_cache(model, plan, B, tpf, scratch_tokens=tpf)
+  noise, cond, _ = _inputs(1, 0)
+  geom = rollout.chunk_geometry(plan, 1, tpf, buffer["k"].shape[2])
+  s = plan.cache_frames * tpf
+  assert geom.in_slot and geom.chunk_at == plan.writes[1] * tpf < s
+  scratch = dataclasses.replace(geom, in_slot=False, chunk_at=s,
+                                mask=plan.mask(1, tpf, key_len=buffer["k"].shape[2], chunk_at=s))
+  slices = lambda g: jax.jit(lambda c: rollout.chunk_step(
+      model, params, c, noise, rollout.slice_cond(cond, 0, 1), None, plan=plan, i=1, times=(1.0, 0.0), geom=g)
+  ).lower(buffer).as_text().count("stablehlo.dynamic_slice ")
+  assert slices(scratch) - slices(geom) == 2
 
 
 def test_in_place_bad_input():

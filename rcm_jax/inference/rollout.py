@@ -16,8 +16,9 @@ buffer with scratch rows after the S cache tokens (`init_cache(scratch_tokens=)`
 key tile): each layer writes the chunk's k/v there and attends over its entry of the [layers, ...] stack in
 place (the layer loop carries the stacks; the Mosaic kernel reads by layer index), where slicing the layer's
 cache and concatenating [cache | chunk] (padded to the tile) copies it every call. The stacks are threaded
-through a chunk's calls, and the jitted chunk donates them, so nothing is copied. Training rollouts concatenate
-(that path is differentiable).
+through a chunk's calls, and the jitted chunk donates them, so nothing is copied. A chunk whose slot is still
+empty while it is generated is attended in that slot instead of the scratch rows, so its write moves nothing
+(`chunk_geometry`). Training rollouts concatenate (that path is differentiable).
 Cache writes: clean context = an extra t=0 pass on the chunk's output (NFE = steps + 1); noisy context = the
 exit step's own K/V (NFE = steps). The last block is never written.
 
@@ -84,11 +85,12 @@ class CachePlan:
   views: tuple
   writes: tuple
 
-  def mask(self, i: int, tokens_per_frame: int, key_len: int | None = None):
-    """Block i's Mask over keys [cache | chunk] (key_len: over a cache buffer of that many tokens)."""
+  def mask(self, i: int, tokens_per_frame: int, key_len: int | None = None, chunk_at: int | None = None):
+    """Block i's Mask over keys [cache | chunk] (key_len: over a cache buffer of that many tokens; chunk_at:
+    the chunk's key row, `masks.chunk_vs_cache`)."""
     f0, f1 = self.blocks[i]
     return masks.chunk_vs_cache(self.views[i], i, f1 - f0, tokens_per_frame, local_blocks=self.local_blocks,
-                                sink_blocks=self.sink_blocks, key_len=key_len)
+                                sink_blocks=self.sink_blocks, key_len=key_len, chunk_at=chunk_at)
 
   def slot_positions(self, i: int) -> np.ndarray:
     """int32[cache_frames]: RoPE frame position of each slot's frame in view i (0 for empty slots)."""
@@ -231,19 +233,26 @@ class ChunkGeometry:
   frames: int            # frames in the chunk
   mask: object           # pallas_kernels.Mask [Lq, S + Lq] over keys [cache | chunk], or [Lq, buffer] in place
   write: bool            # are the chunk's k/v written to the cache?
-  chunk_at: int | None = None   # in place: the buffer row where the chunk's k/v go (the cache's end, S)
+  chunk_at: int | None = None   # in place: the buffer row where the chunk's k/v go (its slot, or the scratch rows)
+  in_slot: bool = False   # chunk_at is the chunk's own (still empty) slot: its rows are already where they are kept
 
 
 def chunk_geometry(plan: CachePlan, i: int, tokens_per_frame: int, buffer_tokens: int | None = None
                    ) -> ChunkGeometry:
   """buffer_tokens: the cache buffer's length (cache["k"].shape[2]); longer than the plan's cache (scratch
-  rows, `init_cache`): the chunk's k/v are placed right after the cache and attended in place."""
+  rows, `init_cache`): the chunk's k/v are attended in place. A chunk that is written to slots still empty
+  while it is generated (every chunk of a cache that holds the whole video) is placed in those slots, so its
+  write moves nothing; otherwise it goes to the scratch rows after the cache and the written rows are moved to
+  the slot after the last layer (a slice and an update of every layer's rows)."""
   f0, f1 = plan.blocks[i]
   s = plan.cache_frames * tokens_per_frame
+  write = plan.writes[i] is not None
   if buffer_tokens is None or buffer_tokens == s:
-    return ChunkGeometry(f1 - f0, plan.mask(i, tokens_per_frame), plan.writes[i] is not None)
-  return ChunkGeometry(f1 - f0, plan.mask(i, tokens_per_frame, key_len=buffer_tokens), plan.writes[i] is not None,
-                       chunk_at=s)
+    return ChunkGeometry(f1 - f0, plan.mask(i, tokens_per_frame), write)
+  in_slot = write and all(j < 0 for j in plan.views[i][plan.writes[i]:plan.writes[i] + f1 - f0])
+  chunk_at = plan.writes[i] * tokens_per_frame if in_slot else s
+  return ChunkGeometry(f1 - f0, plan.mask(i, tokens_per_frame, key_len=buffer_tokens, chunk_at=chunk_at), write,
+                       chunk_at=chunk_at, in_slot=in_slot)
 
 
 def chunk_positions(plan: CachePlan, i: int, tokens_per_frame: int) -> dict:
@@ -264,7 +273,8 @@ def _cached_call(model, params, x, tt, cond, cache, *, geom, pos, cache_keys, wr
   write = write and geom.write
   v, new = model.apply(params, x, tt, **cond, kv_cache=fp, mask=geom.mask, frame_positions=pos["frame_positions"],
                        cache_positions=pos["cache_positions"] if cache_keys == "pre_rope" else None,
-                       cache_write=pos["write_at"] if write else None, cache_chunk_at=geom.chunk_at, cross_kv=cross_kv)
+                       cache_write=pos["write_at"] if write and not geom.in_slot else None,
+                       cache_chunk_at=geom.chunk_at, cross_kv=cross_kv)
   if not write and geom.chunk_at is None:   # nothing written: the model's cache output stays dead code (no copy)
     return v, cache
   if not int8:

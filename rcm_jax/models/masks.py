@@ -134,7 +134,8 @@ def chunk_attention_ranges(num_frames: int, tokens_per_frame: int, block: int, *
 
 
 def chunk_vs_cache(slot_blocks, block: int, chunk_frames: int, tokens_per_frame: int, *,
-                   local_blocks: int | None = None, sink_blocks: int = 0, key_len: int | None = None) -> Mask:
+                   local_blocks: int | None = None, sink_blocks: int = 0, key_len: int | None = None,
+                   chunk_at: int | None = None) -> Mask:
   """Mask[Lq, S + Lq] of a KV-cache rollout step: block `block`'s chunk (Lq = chunk_frames * tokens_per_frame
   queries) against keys `[cache (S = len(slot_blocks) * tokens_per_frame) | chunk]`.
 
@@ -142,13 +143,20 @@ def chunk_vs_cache(slot_blocks, block: int, chunk_frames: int, tokens_per_frame:
   earlier block visible from `block` (the module docstring's rule); the chunk sees itself bidirectionally.
   key_len: Mask[Lq, key_len] instead, keys past S + Lq never visible (a cache buffer with the chunk's rows in
   place and tile padding after them: `rollout.init_cache(scratch_tokens=...)`).
+  chunk_at: the key row of the chunk's own keys (default S, after the cache). A row inside the cache must start
+  a run of chunk_frames empty slots: the chunk then sits in the slots it will be written to.
   """
   _check_window(local_blocks, sink_blocks)
   _check_int("chunk_frames", chunk_frames, 1)
   _check_int("tokens_per_frame", tokens_per_frame, 1)
   lq, s = chunk_frames * tokens_per_frame, len(slot_blocks) * tokens_per_frame
-  key_len = s + lq if key_len is None else key_len
-  if key_len < s + lq:
+  chunk_at = s if chunk_at is None else chunk_at
+  if chunk_at < s and (chunk_at % tokens_per_frame or chunk_at < 0 or chunk_at + lq > s or any(
+      j >= 0 for j in slot_blocks[chunk_at // tokens_per_frame:chunk_at // tokens_per_frame + chunk_frames])):
+    raise ValueError(f"chunk_at={chunk_at}: inside the cache ({s} tokens) the chunk's {lq} keys must fill "
+                     f"{chunk_frames} empty frame slots (slots {list(slot_blocks)}, {tokens_per_frame} tokens each).")
+  key_len = max(s, chunk_at + lq) if key_len is None else key_len
+  if key_len < max(s, chunk_at + lq):
     raise ValueError(f"key_len={key_len} is shorter than the cache plus the chunk ({s} + {lq} tokens).")
   ranges = visible_blocks(block, local_blocks=local_blocks, sink_blocks=sink_blocks)
   visible = [0 <= j < block and any(lo <= j < hi for lo, hi in ranges) for j in slot_blocks]
@@ -159,5 +167,5 @@ def chunk_vs_cache(slot_blocks, block: int, chunk_frames: int, tokens_per_frame:
     elif not vis and start is not None:
       rects.append((0, lq, start * tokens_per_frame, i * tokens_per_frame))
       start = None
-  rects.append((0, lq, s, s + lq))
+  rects.append((0, lq, chunk_at, chunk_at + lq))
   return Mask.from_ranges(lq, key_len, rects)

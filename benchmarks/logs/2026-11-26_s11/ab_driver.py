@@ -3,7 +3,8 @@
 AB=pado makes every Mosaic forward write its o padded to the tile multiple and slice it (`unpadded_o` off),
 as before `mosaic.forward(unpadded_o=)`: the A/B for the plain forwards of `flash_attention` and
 `flash_attention_stacked`. AB=rope restores the RoPE written as a stack of the rotated halves. AB=qkv restores the fused q/k/v
-projection whose backward concatenates the three cotangents (before `layers.fused_linears`). Then runs SCRIPT (default benchmarks/train_step.py) with the given arguments.
+projection whose backward concatenates the three cotangents (before `layers.fused_linears`). AB=slot puts every
+streamed chunk in the scratch rows (no chunk in its empty slot: each written chunk is moved after the call). Then runs SCRIPT (default benchmarks/train_step.py) with the given arguments.
 Run from the repo root, e.g.
   AB=pado SCRIPT=benchmarks/attention.py python3 benchmarks/logs/2026-11-26_s11/ab_driver.py --bench ...
 """
@@ -46,6 +47,19 @@ if "qkv" in old:
     y = jax.lax.dot_general(x.astype(dt), kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
     return jnp.split(y, 3, axis=-1)
   layers.WanAttention._qkv_linear = _qkv_linear
+if "slot" in old:
+  import dataclasses
+  import rcm_jax.inference.rollout as rollout
+  _geometry = rollout.chunk_geometry
+
+  def chunk_geometry(plan, i, tokens_per_frame, buffer_tokens=None):
+    g = _geometry(plan, i, tokens_per_frame, buffer_tokens)
+    if not g.in_slot:
+      return g
+    s = plan.cache_frames * tokens_per_frame
+    return dataclasses.replace(g, in_slot=False, chunk_at=s,
+                               mask=plan.mask(i, tokens_per_frame, key_len=buffer_tokens, chunk_at=s))
+  rollout.chunk_geometry = chunk_geometry
 print("AB old:", sorted(old), flush=True)
 script = os.environ.get("SCRIPT", "benchmarks/train_step.py")
 sys.argv = [script] + sys.argv[1:]
