@@ -59,8 +59,7 @@ def apply_rope(x, cos, sin):
 
   Each pair (x1, x2) -> (x1 c - x2 s, x2 c + x1 s), written as pairs * c + swapped pairs * (-s, s): one
   elementwise pass. Stacking the two halves instead lowers to a concatenate along a size-2 minor axis, which
-  XLA emitted as its own slower fusion kind in the training step (and the transpose of the halves' slices
-  as pads and adds).
+  XLA emitted as concatenate fusions of their own in the Wan TF step (four a layer, 29 ms of a 3 s step).
   """
   acc = jnp.promote_types(x.dtype, jnp.float32)
   b, length, h, d = x.shape
