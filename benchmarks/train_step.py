@@ -93,7 +93,9 @@ def make_config(args, geo, recipe: str, frames: int):
   c.scm.max_xla_tokens = 10**9 if args.tiny else c.scm.max_xla_tokens
   c.dmd = dict(schedule=(1600 / 1601, 15 / 16, 5 / 6, 5 / 8, 0.0), critic_steps=args.critic_steps, time_shift=5.0,
                noisy_context=False, cache_keys="post_rope", cache_frames=0, replay_backprop=not args.no_replay)
-  c.optim_critic = dict(lr=4e-7, b1=0.0, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0)
+  c.optim_critic = dict(lr=4e-7, b1=0.0, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0,
+                        mu_dtype=args.mu_dtype)
+  c.optim.mu_dtype = args.mu_dtype
   return c
 
 
@@ -409,6 +411,8 @@ def main():
                        "does not fit at 21 frames on one H100)")
   ap.add_argument("--attention", default=None, help="attention_impl override (pallas | cudnn | xla; default pallas, "
                                                    "--tiny: xla; pallas on CPU runs in interpret mode)")
+  ap.add_argument("--mu_dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="Adam's first moment of the student and critic (optim.mu_dtype): bfloat16 halves its memory")
   ap.add_argument("--compile_only", action="store_true",
                   help="compile each update from shapes alone and report XLA's memory analysis (no weights are "
                        "allocated, nothing runs): a CPU can check what a GPU would need")

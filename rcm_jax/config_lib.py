@@ -97,6 +97,7 @@ def toy_base(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.warmup_steps = 100
   c.optim.clip_norm = 1.0
+  c.optim.mu_dtype = "float32"   # Adam's first moment; "bfloat16" halves its memory
 
   c.ema = ml_collections.ConfigDict()
   c.ema.kind = "power"                       # "none" | "classic" | "power" (EDM2)

@@ -54,6 +54,30 @@ def test_power_ema_is_the_running_mean_at_gamma_zero():
   np.testing.assert_allclose(e, xs.mean(0), rtol=1e-3)
 
 
+def test_bfloat16_first_moment_halves_its_memory_and_follows_float32():
+  """optim.mu_dtype=bfloat16: Adam's first moment is stored in bf16 (the second stays fp32), and three updates
+  of random params and gradients stay within bf16 rounding of the fp32 optimizer's."""
+  import ml_collections
+  import optax
+  from rcm_jax.training import optim
+  rng = np.random.default_rng()
+  cfg = dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, warmup_steps=0, clip_norm=0.0)
+  params = {"w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)}
+  txs = {d: optim.make_optimizer(ml_collections.ConfigDict(dict(cfg, mu_dtype=d))) for d in ("float32", "bfloat16")}
+  states = {d: tx.init(params) for d, tx in txs.items()}
+  adam = {d: st[0] for d, st in states.items()}   # adamw = chain(scale_by_adam, weight decay, lr)
+  assert adam["bfloat16"].mu["w"].dtype == jnp.bfloat16 and adam["bfloat16"].nu["w"].dtype == jnp.float32
+  assert adam["float32"].mu["w"].dtype == jnp.float32
+  ps = dict.fromkeys(txs, params)
+  for _ in range(3):
+    g = {"w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)}
+    for d, tx in txs.items():
+      upd, states[d] = tx.update(g, states[d], ps[d])
+      ps[d] = optax.apply_updates(ps[d], upd)
+  np.testing.assert_allclose(ps["bfloat16"]["w"], ps["float32"]["w"], rtol=0, atol=3e-4)
+  assert float(jnp.max(jnp.abs(ps["float32"]["w"] - params["w"]))) > 1e-2   # the updates moved the params
+
+
 def test_train_step_skips_non_finite_updates_and_counts_them(tmp_path):
   cfg = _config()
   cfg.optim.warmup_steps = 0   # the warm-up starts at lr 0: the first update would change nothing
@@ -129,6 +153,16 @@ def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path):
   longer = _config()
   longer.train.num_steps = 100   # resumable keys may change
   checkpoint.guard_workdir(longer, str(tmp_path))
+  # A workdir written before optim.mu_dtype existed ran with its default: it resumes, another value does not.
+  import json
+  old = json.loads((tmp_path / "config.json").read_text())
+  del old["optim"]["mu_dtype"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  checkpoint.guard_workdir(_config(), str(tmp_path))
+  half = _config()
+  half.optim.mu_dtype = "bfloat16"
+  with pytest.raises(UserError, match="optim.mu_dtype"):
+    checkpoint.guard_workdir(half, str(tmp_path))
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -137,6 +171,7 @@ def test_workdir_of_another_config_is_refused_and_left_intact(tmp_path):
     ("train.grad_accum", 3, "grad_accum"),
     ("ema.kind", "fancy", "ema.kind"),
     ("model.attention_impl", "magic", "attention_impl"),
+    ("optim.mu_dtype", "float8", "optim.mu_dtype"),
 ])
 def test_bad_configs_stop_before_compute_naming_the_key(key, value, match):
   from rcm_jax.training import setup
@@ -300,7 +335,7 @@ def test_benchmark_compile_only_matches_the_allocated_compile():
   spec.loader.exec_module(ts)
   args = argparse.Namespace(tiny=True, layers=None, latent_hw=None, mesh=ts.parse_mesh([]), remat="none",
                             chunk=(2, 2), batch=1, critic_steps=1, no_replay=False, iters=1, peak_tflops=1.0,
-                            profile=False)
+                            profile=False, mu_dtype="bfloat16")   # bf16 first moments: shapes and dtypes
   geo = ts.shapes(args)
   rows = {}
   for compile_only in (True, False):

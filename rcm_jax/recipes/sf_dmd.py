@@ -48,7 +48,8 @@ DMD_DEFAULTS = dict(schedule=tuple(samplers.FOUR_STEP),   # the paper's 4-step t
                     critic_steps=5, time_shift=5.0, noisy_context=False, cache_keys="post_rope", cache_frames=0,
                     replay_backprop=False)
 GENERATOR_KEYS = ("schedule", "critic_steps", "time_shift")   # what a generator without a KV cache reads
-CRITIC_OPTIM_DEFAULTS = dict(lr=4e-7, b1=0.0, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0)
+CRITIC_OPTIM_DEFAULTS = dict(lr=4e-7, b1=0.0, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0,
+                             mu_dtype="float32")
 
 
 def dmd_loss(g, eps, t, x0_fake_fn, x0_real_fn):
@@ -182,7 +183,10 @@ class DistributionMatching:
     if not oc.lr > 0:
       raise RecipeConfigError(f"optim_critic.lr must be > 0, got {oc.lr}.")
     from rcm_jax.training import optim   # lazy: training imports recipes
-    self.tx_critic = optim.make_optimizer(ml_collections.ConfigDict(dict(oc, clip_norm=0.0)))
+    try:
+      self.tx_critic = optim.make_optimizer(ml_collections.ConfigDict(dict(oc, clip_norm=0.0)), "optim_critic")
+    except ValueError as e:
+      raise RecipeConfigError(str(e)) from None
     self.tx = optim.make_optimizer(config.optim)   # the trainer's student optimizer (same config)
     if config.get("train") and int(config.train.get("grad_accum", 1)) != 1:
       raise RecipeConfigError(f"{config.get('recipe')} does not support train.grad_accum > 1; set "

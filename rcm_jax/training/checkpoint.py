@@ -26,6 +26,11 @@ RESUMABLE_PREFIXES = ("train.num_steps", "train.log_every", "train.ckpt_every", 
                       "stage_order", "mesh.", "sharding_rules.")   # checkpoints restore onto any mesh
 
 
+# Keys added to the configs after workdirs were first written: a workdir whose config.json lacks one ran with
+# this value, so it still resumes.
+ADDED_KEY_DEFAULTS = {"optim.mu_dtype": "float32"}
+
+
 class WorkdirError(UserError):
   pass
 
@@ -54,6 +59,7 @@ def guard_workdir(config, workdir: str) -> None:
     with open(path) as f:
       old = json.load(f)
     a, b = _flatten(old), _flatten(new)
+    a.update({k: v for k, v in ADDED_KEY_DEFAULTS.items() if k in b and k not in a})
     for key in sorted(set(a) | set(b)):
       if key.startswith(RESUMABLE_PREFIXES):
         continue

@@ -21,6 +21,7 @@ from rcm_jax import parallel
 from rcm_jax import recipes
 from rcm_jax.inference import bidirectional
 from rcm_jax.training import ema as ema_lib
+from rcm_jax.training import optim
 
 
 class ConfigError(UserError):
@@ -54,6 +55,10 @@ def validate(config) -> None:
   for key in ("num_steps", "log_every", "ckpt_every", "keep", "nan_patience", "batch_size"):
     if t[key] < 1:
       raise ConfigError(f"train.{key} must be >= 1, got {t[key]}.")
+  try:
+    optim.make_optimizer(config.optim)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   configure_jax(config)
   try:
     model = make_model(config)
