@@ -148,6 +148,10 @@ def test_bad_config_names_the_key():
     _recipe(model, teacher, cache_keys="int8")
   with pytest.raises(RecipeConfigError, match="dmd.bogus"):
     _recipe(model, teacher, bogus=1)
+  cfg = _config()
+  cfg.optim_critic.mu_dtype = "float8"
+  with pytest.raises(RecipeConfigError, match="optim_critic.mu_dtype"):
+    recipes.get_recipe("sf_dmd")(cfg, model, teacher_params=teacher)
 
 
 @pytest.mark.slow

@@ -34,7 +34,8 @@ def get_config(arg=None):
       rcm=dict(dmd_weight=arg.dmd_weight),
       dmd=dict(schedule=(1600 / 1601, 15 / 16, 5 / 6, 5 / 8, 0.0), critic_steps=arg.critic_steps, time_shift=5.0),
       optim=dict(lr=2e-4, b1=0.0, b2=0.999, weight_decay=0.0, warmup_steps=min(100, steps // 2), clip_norm=0.0),
-      optim_critic=dict(lr=2e-5, b1=0.0, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=min(100, steps // 2)),
+      optim_critic=dict(lr=2e-5, b1=0.0, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=min(100, steps // 2),
+                        mu_dtype="float32"),
       train=dict(num_steps=steps, sample_at_end=False, ckpt_every=max(steps // 4, 1)),
       diffusion=dict(p_uncond=0.0))
   c.stages.eval_teacher = dict(command="eval", source="teacher")

@@ -24,8 +24,8 @@ networks). The teacher (`teacher_from`) and the critic's initialisation (`critic
 score the student's latents with its conditioning: their configs and param trees are compared before any compute.
 
 Config keys: dmd.{schedule, critic_steps, time_shift, noisy_context, cache_keys, cache_frames, replay_backprop},
-optim_critic.{lr, b1, b2, eps, weight_decay, warmup_steps}, teacher.{cfg_scale, use_ema}, teacher_from, critic_from,
-causal.*.
+optim_critic.{lr, b1, b2, eps, weight_decay, warmup_steps, mu_dtype}, teacher.{cfg_scale, use_ema}, teacher_from,
+critic_from, causal.*.
 """
 from __future__ import annotations
 

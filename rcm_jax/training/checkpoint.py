@@ -28,7 +28,7 @@ RESUMABLE_PREFIXES = ("train.num_steps", "train.log_every", "train.ckpt_every", 
 
 # Keys added to the configs after workdirs were first written: a workdir whose config.json lacks one ran with
 # this value, so it still resumes.
-ADDED_KEY_DEFAULTS = {"optim.mu_dtype": "float32"}
+ADDED_KEY_DEFAULTS = {"optim.mu_dtype": "float32", "optim_critic.mu_dtype": "float32"}
 
 
 class WorkdirError(UserError):
