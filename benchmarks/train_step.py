@@ -46,6 +46,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rcm_jax.training.optim import MU_DTYPES  # noqa: E402
+
 H100_BF16_DENSE_TFLOPS = 989.0
 RECIPES = ("tf", "tf_dcm", "tf_scm", "sf_dmd")
 TARGETS = {"tf_mfu": 0.40, "scm_over_dcm": 1.3}
@@ -411,7 +413,7 @@ def main():
                        "does not fit at 21 frames on one H100)")
   ap.add_argument("--attention", default=None, help="attention_impl override (pallas | cudnn | xla; default pallas, "
                                                    "--tiny: xla; pallas on CPU runs in interpret mode)")
-  ap.add_argument("--mu_dtype", default="float32", choices=("float32", "bfloat16"),
+  ap.add_argument("--mu_dtype", default="float32", choices=MU_DTYPES,
                   help="Adam's first moment of the student and critic (optim.mu_dtype): bfloat16 halves its memory")
   ap.add_argument("--compile_only", action="store_true",
                   help="compile each update from shapes alone and report XLA's memory analysis (no weights are "
