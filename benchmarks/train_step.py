@@ -173,7 +173,6 @@ def run_recipe(args, geo, name: str, frames: int) -> dict:
   from rcm_jax import parallel, recipes
   from rcm_jax.models import build_model
   from rcm_jax.training import optim, setup, trainer
-  from rcm_jax.training.state import TrainState
 
   cfg = make_config(args, geo, name, frames)
   setup.configure_jax(cfg)                                  # remat3 for the Pallas kernel under remat
@@ -190,20 +189,19 @@ def run_recipe(args, geo, name: str, frames: int) -> dict:
   tx = optim.make_optimizer(cfg.optim)
   plan = parallel.plan_from_config(cfg)
 
-  create = lambda student, extra: TrainState.create(student, tx, use_ema=cfg.ema.kind != "none", extra=extra)
-  extra_of = lambda recipe, s: recipe.init_extra(jax.random.key(2), s) if hasattr(recipe, "init_extra") else None
-
+  build_state = lambda plan, recipe, student: trainer.build_state(plan, recipe, tx, student, jax.random.key(2),
+                                                                  use_ema=cfg.ema.kind != "none")
   if args.compile_only:   # shapes only: nothing the size of the model is allocated
     student = jax.eval_shape(init, jax.random.key(0))
     teacher = student if name != "tf" else None
     # traced teacher inside: the critic SF-DMD copies from it is then a shape too
-    state = jax.eval_shape(lambda s, t: create(s, extra_of(make_recipe(t), s)), student, teacher)
+    state = jax.eval_shape(lambda s, t: build_state(None, make_recipe(t), s), student, teacher)
     recipe = make_recipe(teacher)
   else:   # built already sharded (`parallel.build`): a whole copy placed later leaves holes in the allocator
     student = parallel.build(plan, init, jax.random.key(0))
     teacher = parallel.build(plan, init, jax.random.key(1)) if name != "tf" else None
     recipe = make_recipe(teacher)
-    state = parallel.build(plan, create, student, extra_of(recipe, student))
+    state = build_state(plan, recipe, student)
   del student
   update_fn = recipe.update if hasattr(recipe, "update") else trainer.make_update(recipe, tx, cfg)
   update = parallel.jit_update(plan, update_fn, state)

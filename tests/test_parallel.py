@@ -188,7 +188,6 @@ def _run_cp_scenarios(tmp: str, slow: bool = False) -> dict:
   from rcm_jax.models import build_model, masks
   from rcm_jax.recipes.causal import BlockPattern
   from rcm_jax.training import optim, setup, trainer
-  from rcm_jax.training.state import TrainState
 
   devices = jax.devices()
   assert len(devices) == 8, devices
@@ -209,8 +208,7 @@ def _run_cp_scenarios(tmp: str, slow: bool = False) -> dict:
   def steps(recipe, mesh, devs, n=2):
     cfg.mesh = dict(mesh)
     plan = parallel.plan_from_config(cfg, devs)
-    extra = recipe.init_extra(jax.random.key(3), student) if hasattr(recipe, "init_extra") else None
-    state = parallel.place(plan, TrainState.create(student, tx, use_ema=True, extra=extra))
+    state = trainer.build_state(plan, recipe, tx, student, jax.random.key(3), use_ema=True)
     fn = recipe.update if hasattr(recipe, "update") else trainer.make_update(recipe, tx, cfg)
     update = parallel.jit_update(plan, fn, state, donate=False)
     frozen = parallel.place(plan, recipe.frozen_params())

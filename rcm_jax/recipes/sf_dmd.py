@@ -245,9 +245,14 @@ class DistributionMatching:
     return loss, dict(metrics, loss=loss, exit_step=self.exit_step(step).astype(jnp.float32))
 
   # ------------------------------------------------------------------ the trainer's hook
-  def init_extra(self, rng, params):
-    """The critic (a copy of the teacher, or of critic_from), its optimizer, counters."""
-    critic = jax.tree.map(jnp.copy, self._critic_init)
+  def extra_inputs(self):
+    """The arrays `init_extra` starts from (the critic's initial weights), passed to it as an argument so the jit
+    that builds the train state (`trainer.build_state`) takes them as inputs instead of closing over them."""
+    return self._critic_init
+
+  def init_extra(self, rng, params, inputs):
+    """The critic (a copy of `inputs`: the teacher, or critic_from), its optimizer, counters."""
+    critic = jax.tree.map(jnp.copy, inputs)
     return {"critic": critic, "critic_opt": self.tx_critic.init(critic),
             "critic_updates": jnp.zeros((), jnp.int32), "critic_skipped": jnp.zeros((), jnp.int32)}
 
