@@ -393,11 +393,16 @@ def rollout_chunks(model, params, noise, cond: dict, null: dict | None = None, *
   """
   schedules = check_rollout_args(plan, schedules, solver, noisy_context, cache_keys)
   b = noise.shape[0] * (1 if cfg_scale == 1.0 else 2)
+  replay = replay_backprop and exit_steps is not None and final_cache_serves_every_chunk(plan)
   if cache is None:   # in the compute dtype: attention reads k/v in it, so a bf16 model's bf16 cache is exact
-    cache = init_cache(model, plan, b, _tpf(model, noise), model.config.compute_dtype)
+    # Replay's first pass takes no gradients: scratch rows let every chunk be attended inside the buffer
+    # (`chunk_geometry`), where each call would otherwise build a new [layers, ...] stack of k and v.
+    tpf = _tpf(model, noise)
+    scratch = max(f1 - f0 for f0, f1 in plan.blocks) * tpf if replay and cache_keys == "post_rope" else 0
+    cache = init_cache(model, plan, b, tpf, model.config.compute_dtype, scratch_tokens=scratch)
   rng = jax.random.key(0) if rng is None else rng
   null = cond if null is None else null
-  if replay_backprop and exit_steps is not None and final_cache_serves_every_chunk(plan):
+  if replay:
     yield from _replayed_rollout_chunks(model, params, noise, cond, null, cache, plan=plan, schedules=schedules,
                                         solver=solver, cfg_scale=cfg_scale, noisy_context=noisy_context,
                                         cache_keys=cache_keys, rng=rng, exit_steps=exit_steps,
