@@ -44,7 +44,9 @@ cache as chunk i saw it, so a plain rollout keeps one cache copy per chunk (at W
 1.1 GiB per layer in bf16). Replayed backprop (`replay_backprop=True`) keeps one: a first pass runs the whole
 rollout without gradients and keeps each chunk's exit-step input, then each chunk's exit call runs again with
 gradients against the final cache, whose slots seen by chunk i still hold what they held then (its mask hides
-the rest). That costs one more exit call's FLOPs per chunk. The exit calls run as one call over the whole video
+the rest). That costs one more exit call's FLOPs per chunk. The first pass's cache (post-RoPE keys) has
+scratch rows, so each of its chunks is attended inside the buffer like a stream's (a call that concatenates
+builds a new k/v stack of every layer). The exit calls run as one call over the whole video
 (`replay_mask`), so the backward pass builds one parameter gradient, not one per chunk (at Wan 1.3B, seven
 fp32 gradients alive at once were most of SF-DMD's temporary memory). Plans that reuse slots (a rolling window
 shorter than the video) fall back to rematerialising each exit call.
