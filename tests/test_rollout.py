@@ -149,23 +149,28 @@ def test_replayed_backprop_keeps_one_cache_and_gives_the_same_frames_and_gradien
       rollout.make_plan(BlockPattern(1, 1, local_blocks=2, sink_blocks=1), 6))
 
 
-def test_replayed_rollout_writes_its_first_pass_in_place():
-  """Replay's first pass (no gradients) attends each chunk inside a cache buffer with scratch rows. Without them
-  every cached model call built a new [layers, B, S, H, Dh] stack of k and v from a zero-initialised copy, and
-  XLA made those copies at the program's start, all alive at once: SF-DMD at 21 frames (Wan 1.3B) compiled to
-  58 GiB of temporaries on an H100, 24 copies of 2.4 GiB."""
+@pytest.mark.parametrize("replay", [True, False])
+def test_rollouts_without_gradients_through_the_cache_write_it_in_place(replay):
+  """Replay's first pass (replay=True, the gradient of an SF-DMD rollout) and a sampling rollout (no exit steps)
+  attend each chunk inside a cache buffer with scratch rows. Without them every cached model call built a new
+  [layers, B, S, H, Dh] stack of k and v from a zero-initialised copy, and XLA made those copies at the
+  program's start, all alive at once: SF-DMD at 21 frames (Wan 1.3B) compiled to 58 GiB of temporaries on an
+  H100, 24 copies of 2.4 GiB."""
   nf = 12
   noise, cond, null = _inputs(nf, seed=2)
   plan = rollout.make_plan(BlockPattern(2, 2), nf)          # 6 chunks
   cfg = CFG.replace(scan_layers=True, remat_policy="full", num_layers=2)
   model, params = WanModel(cfg), _params(cfg, seed=4)
+  schedules = rollout.schedules_for(plan, "consistency", 2)
 
   def loss(p):
-    x = rollout.rollout(model, p, noise, cond, null, plan=plan, schedules=rollout.schedules_for(
-        plan, "consistency", 2), exit_steps=[2, 1, 2, 1, 2, 1], rng=jax.random.key(5), replay_backprop=True)
+    x = rollout.rollout(model, p, noise, cond, null, plan=plan, schedules=schedules,
+                        exit_steps=[2, 1, 2, 1, 2, 1], rng=jax.random.key(5), replay_backprop=True)
     return jnp.sum(jnp.square(x))
 
-  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  sample = lambda p: rollout.rollout(model, p, noise, cond, null, plan=plan, schedules=schedules,
+                                     rng=jax.random.key(5))
+  hlo = jax.jit(jax.grad(loss) if replay else sample).lower(params).compile().as_text()
   stack = rf"f32\[{cfg.num_layers},{B},\d+,{cfg.num_heads},{cfg.head_dim}\]"
   copies = re.findall(rf"= {stack}\S* copy\(", hlo)
   assert re.search(rf"= {stack}\S* dynamic-update-slice\(", hlo), "the check must see the cache writes"

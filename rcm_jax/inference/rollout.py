@@ -46,7 +46,7 @@ rollout without gradients and keeps each chunk's exit-step input, then each chun
 gradients against the final cache, whose slots seen by chunk i still hold what they held then (its mask hides
 the rest). That costs one more exit call's FLOPs per chunk. The first pass's cache (post-RoPE keys) has
 scratch rows, so each of its chunks is attended inside the buffer like a stream's (a call that concatenates
-builds a new k/v stack of every layer). The exit calls run as one call over the whole video
+builds a new k/v stack of every layer); so does a sampling rollout's (no exit steps). The exit calls run as one call over the whole video
 (`replay_mask`), so the backward pass builds one parameter gradient, not one per chunk (at Wan 1.3B, seven
 fp32 gradients alive at once were most of SF-DMD's temporary memory). Plans that reuse slots (a rolling window
 shorter than the video) fall back to rematerialising each exit call.
@@ -397,10 +397,12 @@ def rollout_chunks(model, params, noise, cond: dict, null: dict | None = None, *
   b = noise.shape[0] * (1 if cfg_scale == 1.0 else 2)
   replay = replay_backprop and exit_steps is not None and final_cache_serves_every_chunk(plan)
   if cache is None:   # in the compute dtype: attention reads k/v in it, so a bf16 model's bf16 cache is exact
-    # Replay's first pass takes no gradients: scratch rows let every chunk be attended inside the buffer
-    # (`chunk_geometry`), where each call would otherwise build a new [layers, ...] stack of k and v.
+    # Replay's first pass and a sampling rollout (no exit steps) take no gradients through the cache calls:
+    # scratch rows let every chunk be attended inside the buffer (`chunk_geometry`), where each call would
+    # otherwise build a new [layers, ...] stack of k and v.
     tpf = _tpf(model, noise)
-    scratch = max(f1 - f0 for f0, f1 in plan.blocks) * tpf if replay and cache_keys == "post_rope" else 0
+    in_place = (replay or exit_steps is None) and cache_keys == "post_rope"
+    scratch = max(f1 - f0 for f0, f1 in plan.blocks) * tpf if in_place else 0
     cache = init_cache(model, plan, b, tpf, model.config.compute_dtype, scratch_tokens=scratch)
   rng = jax.random.key(0) if rng is None else rng
   null = cond if null is None else null
