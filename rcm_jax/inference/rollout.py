@@ -46,9 +46,9 @@ rollout without gradients and keeps each chunk's exit-step input, then each chun
 gradients against the final cache, whose slots seen by chunk i still hold what they held then (its mask hides
 the rest). That costs one more exit call's FLOPs per chunk. The first pass's cache (post-RoPE keys) has
 scratch rows, so each of its chunks is attended inside the buffer like a stream's (a call that concatenates
-builds a new k/v stack of every layer); so does a sampling rollout's (no exit steps). The exit calls run as one call over the whole video
-(`replay_mask`), so the backward pass builds one parameter gradient, not one per chunk (at Wan 1.3B, seven
-fp32 gradients alive at once were most of SF-DMD's temporary memory). Plans that reuse slots (a rolling window
+builds a new k/v stack of every layer); so does a sampling rollout's (no exit steps). The exit calls run as
+one call over the whole video (`replay_mask`), so the backward pass builds one parameter gradient, not one per
+chunk (at Wan 1.3B, seven fp32 gradients alive at once were most of SF-DMD's temporary memory). Plans that reuse slots (a rolling window
 shorter than the video) fall back to rematerialising each exit call.
 """
 from __future__ import annotations
@@ -388,6 +388,7 @@ def rollout_chunks(model, params, noise, cond: dict, null: dict | None = None, *
                    solver="consistency", cfg_scale=1.0, noisy_context=False, cache_keys="post_rope", rng=None,
                    exit_steps=None, prefix_params=None, replay_backprop=False, cache=None):
   """Generator over blocks: yields (i, x0_i [B, n_i, H, W, C], cache after block i). noise: [B, T, H, W, C].
+  The cache made here may hold scratch rows after its S tokens (attended in place; see `init_cache`).
 
   schedules: per-chunk static times; exit_steps: None (run every step) or [num_blocks] ints (may be traced).
   Chunk i's rng is fold_in(rng, i). replay_backprop with exit_steps (module docstring): the same blocks, each
