@@ -48,8 +48,8 @@ the rest). That costs one more exit call's FLOPs per chunk. The first pass's cac
 scratch rows, so each of its chunks is attended inside the buffer like a stream's (a call that concatenates
 builds a new k/v stack of every layer); so does a sampling rollout's (no exit steps). The exit calls run as
 one call over the whole video (`replay_mask`), so the backward pass builds one parameter gradient, not one per
-chunk (at Wan 1.3B, seven fp32 gradients alive at once were most of SF-DMD's temporary memory). Plans that reuse slots (a rolling window
-shorter than the video) fall back to rematerialising each exit call.
+chunk (at Wan 1.3B, seven fp32 gradients alive at once were most of SF-DMD's temporary memory). Plans that
+reuse slots (a rolling window shorter than the video) fall back to rematerialising each exit call.
 """
 from __future__ import annotations
 
