@@ -192,6 +192,14 @@ def init_cache(model, plan: CachePlan, batch: int, tokens_per_frame: int, dtype=
   return {"k": jnp.zeros(shape, jnp.int8), "v": jnp.zeros(shape, jnp.int8), "k_scale": ones, "v_scale": ones}
 
 
+def in_place_scratch(model, plan: CachePlan, tokens_per_frame: int, cache_keys: str, dtype) -> int:
+  """Scratch tokens (`init_cache(scratch_tokens=)`) that let each chunk be attended inside the cache buffer: the
+  largest chunk's, where the in-place path applies (post-RoPE keys in the model's compute dtype), else 0."""
+  if cache_keys != "post_rope" or jnp.dtype(dtype) != jnp.dtype(model.config.compute_dtype):
+    return 0
+  return max(f1 - f0 for f0, f1 in plan.blocks) * tokens_per_frame
+
+
 def quantize_int8(x):
   """Symmetric int8 per token and head: x [..., Dh] -> (q int8 [..., Dh], scale fp32 [..., 1]), x ~ q * scale.
   |x - q * scale| <= scale / 2 = absmax / 254 elementwise."""
@@ -401,10 +409,9 @@ def rollout_chunks(model, params, noise, cond: dict, null: dict | None = None, *
     # Replay's first pass and a sampling rollout (no exit steps) take no gradients through the cache calls:
     # scratch rows let every chunk be attended inside the buffer (`chunk_geometry`), where each call would
     # otherwise build a new [layers, ...] stack of k and v.
-    tpf = _tpf(model, noise)
-    in_place = (replay or exit_steps is None) and cache_keys == "post_rope"
-    scratch = max(f1 - f0 for f0, f1 in plan.blocks) * tpf if in_place else 0
-    cache = init_cache(model, plan, b, tpf, model.config.compute_dtype, scratch_tokens=scratch)
+    tpf, dtype = _tpf(model, noise), model.config.compute_dtype
+    scratch = in_place_scratch(model, plan, tpf, cache_keys, dtype) if replay or exit_steps is None else 0
+    cache = init_cache(model, plan, b, tpf, dtype, scratch_tokens=scratch)
   rng = jax.random.key(0) if rng is None else rng
   null = cond if null is None else null
   if replay:
@@ -629,7 +636,6 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
   if lookahead is None:
     lookahead = not any(callable(x) for x in (noise, cond, null))
   rng = jax.random.key(0) if rng is None else rng
-  max_chunk = max(f1 - f0 for f0, f1 in plan.blocks)
   pattern = dict(first_chunk_frames=plan.blocks[0][1],
                  chunk_frames=max([f1 - f0 for f0, f1 in plan.blocks[1:]] or [1]),
                  local_blocks=plan.local_blocks, sink_blocks=plan.sink_blocks)
@@ -649,10 +655,9 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
     size = chunk_fn._cache_size()
     if kv_cache:
       if state["cache"] is None:   # post-RoPE caches in the compute dtype get scratch rows: attended in place
-        scratch = (in_place and cache_keys == "post_rope"
-                   and jnp.dtype(kv_cache_dtype) == jnp.dtype(model.config.compute_dtype))
+        scratch = in_place_scratch(model, plan, tpf, cache_keys, kv_cache_dtype) if in_place else 0
         state["cache"] = init_cache(model, plan, x_i.shape[0] * (1 if cfg_scale == 1.0 else 2), tpf, kv_cache_dtype,
-                                    scratch_tokens=max_chunk * tpf if scratch else 0)
+                                    scratch_tokens=scratch)
         if shared_conditions:   # the text's cross-attention k/v, projected once for the whole stream
           state["cross_kv"] = _CROSS_KV(model, params, x_i, c_i, n_i, cfg_scale=cfg_scale)
       pos = jax.tree.map(jnp.asarray, chunk_positions(plan, i, tpf))
