@@ -28,8 +28,8 @@ cudnn: `rcm_jax.models.attention` takes no mask with impl="cudnn", and a KV-cach
 chunk-vs-cache visibility), so cudnn rows record the error until that entry point forwards the mask.
 Compiles: one executable per distinct chunk geometry; without a window the cache view grows every chunk, so a
 row compiles 21 (frame-wise) or 7 (chunk-wise) functions in its warm-up stream (scan_layers keeps each compile
-short; --compile_cache reuses them across runs on the CPU, but an H100 run under jax 0.11.2 recompiled
-them all: RESULTS.md, twelfth streaming run). Split the grid over calls (--patterns/--steps/--contexts) to stay
+short; --compile_cache reuses them across runs on the CPU; on an H100 under jax 0.11.2 a second run took as
+long: RESULTS.md, twelfth streaming run). Split the grid over calls (--patterns/--steps/--contexts) to stay
 within a time limit.
 Writes <out>/streaming.json (every row, the device, the command) and <out>/streaming.md (table lines).
 """
@@ -205,8 +205,8 @@ def main():
                        "chunk's k/v inside the cache buffer (rollout.stream(in_place=False)): the A/B of that copy")
   ap.add_argument("--unrolled", action="store_true", help="per-layer blocks instead of scan_layers (slower compiles)")
   ap.add_argument("--compile_cache", default="",
-                  help="a jax persistent compilation cache dir (CPU re-runs skip compiles; an H100 missed it:"
-                       " RESULTS.md)")
+                  help="a jax persistent compilation cache dir (CPU re-runs skip compiles; on an H100 a"
+                       " re-run took as long: RESULTS.md)")
   ap.add_argument("--gemm_epilogues", action=argparse.BooleanOptionalAction, default=True,
                   help="add rcm_jax.xla_flags.GEMM_EPILOGUES to XLA_FLAGS, as `sample` and `play` do "
                        "(--no-gemm_epilogues: XLA's defaults)")
