@@ -1,7 +1,8 @@
 """Trace + lower (for CUDA, on the CPU) the stream's chunk function at Wan2.1-1.3B shape: the host-side part of a
-chunk geometry's compile."""
-import sys, time
-sys.path.insert(0, '/work/main'); sys.path.insert(0, '/work/main/benchmarks')
+chunk geometry's compile. The Mosaic kernels are forced on (as on an H100) by patching the backend checks.
+  usage: lower_chunk.py STEPS noisy|clean FIRST_CHUNK_FRAMES CHUNK_FRAMES CHUNK_INDICES"""
+import os, sys, time
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[os.pardir] * 4))
 import jax, jax.numpy as jnp
 from rcm_jax.inference import rollout
 from rcm_jax.models.config import get_config
