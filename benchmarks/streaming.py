@@ -29,7 +29,8 @@ chunk-vs-cache visibility), so cudnn rows record the error until that entry poin
 Compiles: one executable per distinct chunk geometry; without a window the cache view grows every chunk, so a
 row compiles 21 (frame-wise) or 7 (chunk-wise) functions in its warm-up stream (scan_layers keeps each compile
 short; --compile_cache reuses them across runs on the CPU; on an H100 under jax 0.11.2 a second run took as
-long: RESULTS.md, twelfth streaming run). Split the grid over calls (--patterns/--steps/--contexts) to stay
+long: RESULTS.md, twelfth streaming run; with --compile_cache each row now records the chunk functions' cache
+hits and misses, and every key, from jax's log). Split the grid over calls (--patterns/--steps/--contexts) to stay
 within a time limit.
 Writes <out>/streaming.json (every row, the device, the command) and <out>/streaming.md (table lines).
 """
@@ -40,6 +41,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import logging
 import os
 import sys
 import time
@@ -91,8 +93,47 @@ def video_flops(cfg, plan, schedules, tpf: int, lc: int, noisy_context: bool) ->
   return total
 
 
+class CacheLog(logging.Handler):
+  """jax's persistent compilation cache hits and misses (`jax._src.compiler` logs each at DEBUG level, with the
+  module's name and cache key). With --compile_cache each row records them for its warm-up, keys included, so
+  that two runs can be compared key by key."""
+
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.events = []
+
+  def install(self):
+    logger = logging.getLogger("jax._src.compiler")
+    self._level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(self)
+    return self
+
+  def uninstall(self):
+    logger = logging.getLogger("jax._src.compiler")
+    logger.removeHandler(self)
+    logger.setLevel(self._level)
+
+  def emit(self, record):
+    msg = str(record.msg)
+    kind = "hit" if msg.startswith("Persistent compilation cache hit") else (
+        "miss" if msg.startswith("PERSISTENT COMPILATION CACHE MISS") else None)
+    if kind:
+      self.events.append((kind, *map(str, record.args)))
+
+  def take(self) -> dict:
+    """The events since the last call, as a row's fields: counts for the stream's chunk functions (small jits that
+    compile in under jax_persistent_cache_min_compile_time_secs are never written, so they always miss), and every
+    event."""
+    events, self.events = self.events, []
+    chunks = [e for e in events if e[1] == "jit__stream_chunk_impl"]
+    return dict(persistent_cache_chunk_hits=sum(e[0] == "hit" for e in chunks),
+                persistent_cache_chunk_misses=sum(e[0] == "miss" for e in chunks),
+                persistent_cache_events=[" ".join(e) for e in events])
+
+
 def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats, profile_dir=None,
-            kv_dtype="bfloat16", first_chunk_steps=4, vae=None, in_place=True):
+            kv_dtype="bfloat16", first_chunk_steps=4, vae=None, in_place=True, cache_log=None):
   first, chunk = sh["patterns"][pattern_name]
   plan = rollout.make_plan(BlockPattern(first, chunk), sh["frames"])
   schedules = rollout.schedules_for(plan, "consistency", steps, first_chunk_steps=first_chunk_steps)
@@ -117,6 +158,10 @@ def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats,
     print(f"#   warm-up chunk {ch.index + 1}/{len(plan.blocks)}: {ch.seconds:.1f} s"
           f"{' (compiled)' if ch.compiled else ''}", flush=True)
   compile_s = time.perf_counter() - t0
+  cached = cache_log.take() if cache_log else {}
+  if cached:
+    print(f"#   persistent compilation cache, chunk functions: {cached['persistent_cache_chunk_hits']} hits, "
+          f"{cached['persistent_cache_chunk_misses']} misses", flush=True)
   runs = [one() for _ in range(repeats)]
   chunks, wall = min(runs, key=lambda r: r[1])
   decoded = stream_with_decode(model, params, noise, cond, kw, vae, repeats) if vae is not None else {}
@@ -139,7 +184,7 @@ def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats,
               next_chunk_ms=1000 * float(np.mean([c.seconds for c in chunks[1:]])) if len(chunks) > 1 else None,
               video_s=wall, latent_fps=sh["frames"] / wall, rgb_fps=sh["frames"] * RGB_FRAMES_PER_LATENT / wall,
               tflop=flops / 1e12, compile_and_first_run_s=compile_s, **decoded,
-              compiles=sum(c.compiled for c in warm), recompiles_after_warmup=sum(c.compiled for c in chunks))
+              compiles=sum(c.compiled for c in warm), recompiles_after_warmup=sum(c.compiled for c in chunks), **cached)
 
 
 def stream_with_decode(model, params, noise, cond, kw, vae, repeats) -> dict:
@@ -214,8 +259,10 @@ def main():
   if args.gemm_epilogues:   # before the first device use: XLA reads XLA_FLAGS once
     xla_flags.add(xla_flags.GEMM_EPILOGUES)
   sh = shapes(args.tiny)
+  cache_log = None
   if args.compile_cache:
     jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+    cache_log = CacheLog().install()
   impls = (args.impl or ("xla" if args.tiny or jax.default_backend() == "cpu" else "pallas")).split(",")
   os.makedirs(args.out, exist_ok=True)
   device = jax.devices()[0]
@@ -251,7 +298,7 @@ def main():
               "chunk geometry) ...", flush=True)
         try:
           r = run_row(model, params, cfg, sh, impl, pattern, steps, context, args.repeats, prof,
-                      args.kv_cache_dtype, first_steps, vae, not args.concat_kv)
+                      args.kv_cache_dtype, first_steps, vae, not args.concat_kv, cache_log)
         except Exception as e:   # e.g. an impl that cannot take this mask: recorded, the grid goes on
           r = dict(impl=impl, pattern=pattern, steps=steps, first_chunk_steps=first_steps, context=context,
                    error=f"{type(e).__name__}: {e}"[:300])

@@ -352,3 +352,30 @@ def test_first_chunk_steps_from_config():
   config.sample.first_chunk_steps = 3
   with pytest.raises(ValueError, match="sample.first_chunk_steps"):
     stream_job.make_stream_plan(config, 5)
+
+
+def test_streaming_benchmark_counts_persistent_cache_hits_from_jax_log():
+  """benchmarks/streaming.py --compile_cache: its CacheLog counts the chunk functions' persistent-cache hits and
+  misses from jax's own log calls (the messages jax._src.compiler emits), and keeps every event's key."""
+  import importlib.util
+  from jax._src import compiler
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("streaming_bench", os.path.join(root, "benchmarks", "streaming.py"))
+  sb = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sb)
+  log = sb.CacheLog().install()
+  try:
+    rng = np.random.default_rng()
+    hits, misses = int(rng.integers(0, 5)), int(rng.integers(1, 5))
+    keys = [f"jit__stream_chunk_impl-{rng.integers(1 << 60):x}" for _ in range(hits + misses)]
+    for i, key in enumerate(keys):
+      (compiler.log_persistent_cache_hit if i < hits else compiler.log_persistent_cache_miss)(
+          "jit__stream_chunk_impl", key)
+    compiler.log_persistent_cache_miss("jit_convert_element_type", "jit_convert_element_type-0")  # not a chunk
+    row = log.take()
+  finally:
+    log.uninstall()
+  assert row["persistent_cache_chunk_hits"] == hits and row["persistent_cache_chunk_misses"] == misses
+  assert len(row["persistent_cache_events"]) == hits + misses + 1
+  assert all(k in e for k, e in zip(keys, row["persistent_cache_events"]))
+  assert log.take()["persistent_cache_events"] == []      # take() empties it
