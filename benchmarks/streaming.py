@@ -133,7 +133,7 @@ class CacheLog(logging.Handler):
 
 
 def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats, profile_dir=None,
-            kv_dtype="bfloat16", first_chunk_steps=4, vae=None, in_place=True, cache_log=None):
+            kv_dtype="bfloat16", first_chunk_steps=4, vae=None, in_place=True, cache_log=None, runtime_masks=False):
   first, chunk = sh["patterns"][pattern_name]
   plan = rollout.make_plan(BlockPattern(first, chunk), sh["frames"])
   schedules = rollout.schedules_for(plan, "consistency", steps, first_chunk_steps=first_chunk_steps)
@@ -144,7 +144,7 @@ def run_row(model, params, cfg, sh, impl, pattern_name, steps, context, repeats,
   cond = {"context": jax.random.normal(jax.random.fold_in(key, 1), (1, sh["text_tokens"], cfg.text_dim),
                                        jnp.bfloat16)}
   kw = dict(plan=plan, schedules=schedules, noisy_context=context == "noisy", rng=key, kv_cache_dtype=kv_dtype,
-            in_place=in_place)
+            in_place=in_place, runtime_masks=runtime_masks)
 
   def one():
     t0 = time.perf_counter()
@@ -248,6 +248,9 @@ def main():
   ap.add_argument("--concat_kv", action="store_true",
                   help="attend over a [cache | chunk] concatenation (the training rollouts' layout) instead of the "
                        "chunk's k/v inside the cache buffer (rollout.stream(in_place=False)): the A/B of that copy")
+  ap.add_argument("--runtime_masks", action="store_true",
+                  help="each chunk's mask as run-time key intervals (rollout.stream(runtime_masks=True)): one compile "
+                       "per chunk role instead of per chunk")
   ap.add_argument("--unrolled", action="store_true", help="per-layer blocks instead of scan_layers (slower compiles)")
   ap.add_argument("--compile_cache", default="",
                   help="a jax persistent compilation cache dir (CPU re-runs skip compiles; on an H100 a"
@@ -271,7 +274,8 @@ def main():
               command=" ".join(sys.argv), tiny=args.tiny, scan_layers=not args.unrolled, frames=sh["frames"],
               latent_hw=sh["latent_hw"],
               text_tokens=sh["text_tokens"], peak_tflops=args.peak_tflops, kv_cache_dtype=args.kv_cache_dtype,
-              kv_layout="concatenated" if args.concat_kv else "in place", xla_flags=os.environ.get("XLA_FLAGS", ""),
+              kv_layout="concatenated" if args.concat_kv else "in place", runtime_masks=args.runtime_masks,
+              xla_flags=os.environ.get("XLA_FLAGS", ""),
               timed="DiT only (no VAE decoding)" + ("; the lines after the table add the Wan VAE (random weights, "
                                                     "bf16) decoding each chunk" if args.decode else ""))
   rows, lines = [], []
@@ -298,7 +302,7 @@ def main():
               "chunk geometry) ...", flush=True)
         try:
           r = run_row(model, params, cfg, sh, impl, pattern, steps, context, args.repeats, prof,
-                      args.kv_cache_dtype, first_steps, vae, not args.concat_kv, cache_log)
+                      args.kv_cache_dtype, first_steps, vae, not args.concat_kv, cache_log, args.runtime_masks)
         except Exception as e:   # e.g. an impl that cannot take this mask: recorded, the grid goes on
           r = dict(impl=impl, pattern=pattern, steps=steps, first_chunk_steps=first_steps, context=context,
                    error=f"{type(e).__name__}: {e}"[:300])

@@ -45,7 +45,7 @@ from jax.experimental import hijax
 
 from pallas_kernels import kernels, mosaic, reference
 from pallas_kernels.kernels import BlockSizes, KernelConfig
-from pallas_kernels.mask import Mask, tile_schedule
+from pallas_kernels.mask import KeyIntervals, Mask, runtime_schedule, tile_schedule
 from rcm_jax.errors import UserError
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -347,20 +347,41 @@ def flash_attention_stacked(q, k, v, index, mask: Mask | None = None, *, sm_scal
   Where the Mosaic forward kernel runs (Hopper, bf16, D = 64 or 128, Lk a multiple of its key tile), it reads
   the stack in place; elsewhere entry `index` is sliced out (a copy) and `flash_attention` runs on it. It has
   no derivative rules: it serves inference, where slicing a layer's cache for the kernel would copy it every
-  call (training differentiates `flash_attention` on per-layer k/v). Arguments otherwise as `flash_attention`.
+  call (training differentiates `flash_attention` on per-layer k/v). mask may also be a run-time `KeyIntervals`
+  (the same key intervals for every query row, traced): the kernels then build their tile lists in the graph,
+  so one compiled function serves every such mask. Arguments otherwise as `flash_attention`.
   """
   if k.ndim != 5 or v.shape != k.shape:
     raise ValueError(f"flash_attention_stacked: k and v must be stacks [N, B, Lk, Hkv, D] of one shape, got "
                      f"k {tuple(k.shape)} and v {tuple(v.shape)}.")
   entry = lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
-  _validate(q, entry(k), entry(v), mask, sm_scale, "pallas")
+  runtime = isinstance(mask, KeyIntervals)
+  _validate(q, entry(k), entry(v), None if runtime else mask, sm_scale, "pallas")
+  lq, lk, d = q.shape[1], k.shape[2], q.shape[3]
+  if runtime and (mask.shape != (lq, lk) or np.shape(mask.intervals)[1:] != (2,)):
+    raise ValueError(f"flash_attention_stacked: {mask} must be (Lq, Lk) = {(lq, lk)} with intervals [R, 2].")
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
-  lq, lk, d = q.shape[1], k.shape[2], q.shape[3]
   full = Mask.full(lq, lk) if mask is None else mask
+  scale = float(d ** -0.5 if sm_scale is None else sm_scale)
   if (d in SUPPORTED_HEAD_DIMS and lk % mosaic.MosaicConfig().block_k == 0
       and resolve_backend(backend, q.dtype, d, full, lq, lk, bool(interpret)) != "triton"):
-    scale = float(d ** -0.5 if sm_scale is None else sm_scale)
     return mosaic.forward(q, k, v, full, sm_scale=scale, kv_index=index, unpadded_o=True)[0]
   take = lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False)
+  if runtime:
+    return _runtime_forward(q, take(k), take(v), mask, scale, bool(interpret))
   return flash_attention(q, take(k), take(v), mask, sm_scale=sm_scale, interpret=interpret, backend=backend)
+
+
+def _runtime_forward(q, k, v, mask: KeyIntervals, scale: float, interpret: bool):
+  """The Triton forward kernel under a run-time `KeyIntervals` mask (its tile lists built in the graph):
+  q [B, Lq, H, D], k/v [B, Lk, Hkv, D] -> o [B, Lq, H, D]. Forward only."""
+  lq, lk, d = q.shape[1], k.shape[1], q.shape[3]
+  d_pad = min(x for x in SUPPORTED_HEAD_DIMS if x >= d)
+  cfg = _shrink(BlockSizes.default_for(q.dtype).all()[0], lq, lk)
+  lq_pad, lk_pad = _round_up(lq, cfg.block_q), _round_up(lk, cfg.block_k)
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, d_pad - d)))
+  sched = runtime_schedule(mask, lq_pad, lk_pad, cfg.block_q, cfg.block_k)
+  o, _ = kernels.forward(pad(q, lq_pad), pad(k, lk_pad), pad(v, lk_pad), sched, cfg, sm_scale=scale,
+                         interpret=interpret)
+  return o[:, :lq, :, :d]

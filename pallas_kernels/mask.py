@@ -12,6 +12,9 @@ intervals, so the work is O(segments x key tiles), never O(Lq x Lk) (a Wan teach
 from per-row key intervals `starts/ends [R, Lq_pad]` (R <= 3 for the video masks): R compare pairs
 against a column iota, no stored [bq, bk] blocks, so nothing to deduplicate. Dense masks with many runs
 per row (random test masks) fall back to loading the tile of the dense int8 matrix.
+
+`KeyIntervals` is the one run-time mask: the same key intervals for every query row, as a traced int32[R, 2]
+(a streamed chunk inside the KV-cache buffer); `runtime_schedule` builds its row lists inside the graph.
 """
 from __future__ import annotations
 
@@ -238,3 +241,100 @@ def tile_schedule(mask: Mask, lq_pad: int, lk_pad: int, block_q: int, block_k: i
       _SCHEDULES.clear()
     _SCHEDULES[key] = TileSchedule(mask, lq_pad, lk_pad, block_q, block_k)
   return _SCHEDULES[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Run-time masks: one executable for many masks.
+#
+# A streamed chunk attended inside the KV-cache buffer sees the same keys from every query row: the visible
+# cache slots and its own rows. Only which intervals those are changes from chunk to chunk. `KeyIntervals`
+# carries them as a traced int32[R, 2], so every chunk of one size compiles once; `runtime_schedule` builds
+# the kernels' tile lists from them inside the graph (the same lists `TileSchedule` builds in numpy, padded to
+# every key tile). Forward only (`flash_attention_stacked`).
+# ----------------------------------------------------------------------------------------------
+
+class KeyIntervals:
+  """A [Lq, Lk] mask whose every query row may attend to the same key intervals, given at run time.
+
+  intervals: int32[R, 2] rows [start, end) (may be traced); (0, 0) rows are unused. shape: the static
+  (Lq, Lk). A pytree (the intervals are its leaf), so it passes through jit and scan as an argument.
+  """
+
+  def __init__(self, shape: tuple[int, int], intervals):
+    self.shape = (int(shape[0]), int(shape[1]))
+    self.intervals = intervals
+
+  @classmethod
+  def from_mask(cls, mask: Mask, num_intervals: int) -> "KeyIntervals":
+    """The same mask as a static `Mask` whose rows all allow the same keys, with num_intervals rows (numpy)."""
+    segs = _row_segments(mask)
+    ivs = segs[0][2]
+    if any(iv != ivs for _, _, iv in segs):
+      raise ValueError(f"KeyIntervals.from_mask: {mask} allows different keys in different query rows.")
+    if len(ivs) > num_intervals:
+      raise ValueError(f"KeyIntervals.from_mask: {mask} needs {len(ivs)} key intervals, more than "
+                       f"num_intervals={num_intervals}.")
+    out = np.zeros((num_intervals, 2), np.int32)
+    if ivs:
+      out[:len(ivs)] = ivs
+    return cls(mask.shape, out)
+
+  def to_dense(self):
+    """bool[Lq, Lk] (a jax array when the intervals are traced)."""
+    import jax.numpy as jnp  # noqa: PLC0415  (this module stays numpy-only for static masks)
+    iv = jnp.asarray(self.intervals)
+    col = jnp.arange(self.shape[1])[None, :]
+    keys = ((col >= iv[:, :1]) & (col < iv[:, 1:])).any(axis=0)
+    return jnp.broadcast_to(keys[None, :], self.shape)
+
+  def tree_flatten(self):
+    return (self.intervals,), self.shape
+
+  @classmethod
+  def tree_unflatten(cls, shape, children):
+    return cls(shape, children[0])
+
+  def __repr__(self):
+    return f"KeyIntervals({self.shape[0]}x{self.shape[1]}, {np.shape(self.intervals)[0]} intervals)"
+
+
+def _register_key_intervals():
+  import jax  # noqa: PLC0415
+  jax.tree_util.register_pytree_node_class(KeyIntervals)
+
+
+_register_key_intervals()
+
+
+class RuntimeSchedule:
+  """The row-major part of a `TileSchedule` for a `KeyIntervals` mask, as jax arrays built in the graph
+  (`runtime_schedule`): kv_tiles [nq * nk], kv_partial, kv_full [nq], kv_order [nq], wq = nk, mode "intervals",
+  mask_arrays (starts, ends) [R, Lq_pad] (rows past Lq allow nothing). Every query tile has the same list."""
+  mode = "intervals"
+
+  def __init__(self, kv_tiles, kv_partial, kv_full, kv_order, wq, mask_arrays):
+    self.kv_tiles, self.kv_partial, self.kv_full, self.kv_order = kv_tiles, kv_partial, kv_full, kv_order
+    self.wq, self.mask_arrays = wq, mask_arrays
+
+
+def runtime_schedule(mask: KeyIntervals, lq_pad: int, lk_pad: int, block_q: int, block_k: int) -> RuntimeSchedule:
+  """`TileSchedule`'s row-major lists for a run-time mask: key tile t is FULL if one interval covers it, PARTIAL
+  if any touches it, else EMPTY; partial tiles are listed first, then full ones, then the empty rest."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  lq = mask.shape[0]
+  nq, nk = lq_pad // block_q, lk_pad // block_k
+  iv = jnp.asarray(mask.intervals, jnp.int32)
+  s, e = iv[:, 0:1], iv[:, 1:2]                                        # [R, 1]
+  lo = jnp.arange(nk, dtype=jnp.int32)[None, :] * block_k               # [1, nk]
+  hi = lo + block_k
+  covered = ((s <= lo) & (hi <= e) & (s < e)).any(axis=0)
+  touched = ((s < hi) & (e > lo) & (s < e)).any(axis=0)
+  state = jnp.where(covered, FULL, jnp.where(touched, PARTIAL, EMPTY))  # [nk]
+  order = jnp.argsort(jnp.where(state == PARTIAL, 0, jnp.where(state == FULL, 1, 2)), stable=True)
+  n_partial = jnp.full((nq,), (state == PARTIAL).sum(), jnp.int32)
+  n_full = jnp.full((nq,), (state == FULL).sum(), jnp.int32)
+  tiles = jnp.tile(order.astype(jnp.int32), nq)
+  real = jnp.arange(lq_pad)[None, :] < lq                               # padded rows allow nothing
+  starts = jnp.where(real, jnp.broadcast_to(s, (s.shape[0], lq_pad)), 0).astype(jnp.int32)
+  ends = jnp.where(real, jnp.broadcast_to(e, (e.shape[0], lq_pad)), 0).astype(jnp.int32)
+  return RuntimeSchedule(tiles, n_partial, n_full, jnp.arange(nq, dtype=jnp.int32), nk, (starts, ends))

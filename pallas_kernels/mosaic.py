@@ -40,7 +40,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels.kernels import BIG, LOG2E, MASK_VALUE, softmax_delta  # shared with the Triton kernels
-from pallas_kernels.mask import Mask, TileSchedule, tile_schedule
+from pallas_kernels.mask import KeyIntervals, Mask, TileSchedule, runtime_schedule, tile_schedule
 
 MAX_INTERVALS = 4  # per-row key intervals held in registers (video masks need <= 3)
 HEAVIEST_FIRST = True  # hand out tiles by decreasing work (`TileSchedule.kv_order`); False: in index order
@@ -76,6 +76,9 @@ def unsupported_reason(dtype, head_dim: int, mask: Mask, lq: int, lk: int,
     return f"dtype {jnp.dtype(dtype).name} (the Mosaic kernel is bf16/f16 only)"
   if head_dim not in (64, 128):
     return f"head dim {head_dim} (the Mosaic kernel takes 64 or 128)"
+  if isinstance(mask, KeyIntervals):
+    r = np.shape(mask.intervals)[0]
+    return None if r <= MAX_INTERVALS else f"{r} key intervals (at most {MAX_INTERVALS})"
   sched = _schedule(mask, lq, lk, cfg)
   if sched.mode != "intervals":
     return "a dense element mask with many runs per row (only interval masks are supported)"
@@ -96,7 +99,16 @@ def _schedule_inputs(who: str, dtype, d: int, mask: Mask, lq: int, lk: int, lq_m
                      block_k: int, *, rowmajor: bool):
   """A kernel's schedule operands: ([launch order, tile list, partial counts, full counts, intervals [2R, Lq_m]
   (starts, then ends)], R, list width), from the row lists (forward, dq, JVP) or the column lists (dk/dv).
-  A ValueError names `who` where the mask is not an interval mask the kernels take."""
+  A ValueError names `who` where the mask is not an interval mask the kernels take. A `KeyIntervals` mask (row
+  lists only) gets its lists built in the graph, every key tile wide, so one executable serves every such mask."""
+  if isinstance(mask, KeyIntervals):
+    if who != "forward" or unsupported_reason(dtype, d, mask, lq, lk):
+      raise ValueError(f"mosaic.{who}: a run-time KeyIntervals mask serves the forward only, with at most "
+                       f"{MAX_INTERVALS} intervals (got {mask}).")
+    rs = runtime_schedule(mask, lq_m, lk_m, block_q, block_k)
+    starts, ends = rs.mask_arrays
+    ins = [rs.kv_order, rs.kv_tiles, rs.kv_partial, rs.kv_full, jnp.concatenate([starts, ends], 0)]
+    return ins, starts.shape[0], rs.wq
   sched = tile_schedule(mask, lq_m, lk_m, block_q, block_k)
   if sched.mode != "intervals" or sched.mask_arrays[0].shape[0] > MAX_INTERVALS:
     raise ValueError(f"mosaic.{who}: unsupported mask ({unsupported_reason(dtype, d, mask, lq, lk)}).")

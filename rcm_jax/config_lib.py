@@ -113,6 +113,7 @@ def toy_base(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sample.first_chunk_steps = 4            # consistency: the first chunk's steps (paper: 4; 1 or 2: lower latency)
   c.sample.num_videos = 32
   c.sample.gemm_epilogues = True           # sample/play: XLA folds bias + gelu into cuBLASLt (rcm_jax/xla_flags.py)
+  c.sample.runtime_masks = False           # streaming: chunk masks as run-time inputs, one compile per chunk role
   c.sample.batch_size = 32
 
   c.generate = ml_collections.ConfigDict()  # teacher samples for the train-split conditions (data.source)

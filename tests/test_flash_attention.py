@@ -9,7 +9,7 @@ from hypothesis import Phase, given, settings, strategies as st
 
 import pallas_kernels as pk
 from pallas_kernels import Mask, reference
-from pallas_kernels.mask import tile_schedule
+from pallas_kernels.mask import KeyIntervals, runtime_schedule, tile_schedule
 from rcm_jax.models import masks as video
 
 SMALL = pk.BlockSizes(*(pk.KernelConfig(32, 16) for _ in range(4)))  # many tiles at small L
@@ -634,3 +634,80 @@ def test_mosaic_operand_rows():
   padded = np.asarray(mosaic._pad_len(x, 1280, object()), np.float32)
   assert np.all(padded[:, 1260:] == 0) and np.all(padded[:, :1260] == 1)
   assert mosaic._out_len(65520, 65536, None) == 65520 and mosaic._out_len(65520, 65536, object()) == 65536
+
+
+def _random_key_intervals(rng, lq, lk, r):
+  """A static Mask whose rows all allow the same 0..r-1 random key intervals, and its KeyIntervals (r rows)."""
+  n = int(rng.integers(0, r))
+  pts = np.sort(rng.choice(lk + 1, 2 * n, replace=False)) if n else np.zeros(0, int)
+  mask = Mask.from_ranges(lq, lk, [(0, lq, int(pts[2 * i]), int(pts[2 * i + 1])) for i in range(n)])
+  return mask, KeyIntervals.from_mask(mask, r)
+
+
+def test_runtime_key_intervals_give_the_static_masks_schedule_and_output():
+  """KeyIntervals (a streamed chunk's mask as traced intervals): `runtime_schedule` builds, inside the graph, the
+  row lists `tile_schedule` builds in numpy (any tiles, ragged lengths, empty masks); `flash_attention_stacked`
+  under it equals the float64 reference, and one jitted function serves masks of different intervals."""
+  rng = np.random.default_rng()
+  edges = [[(0, 31)], [(0, 32)], [(1, 32), (64, 95)], [(32, 64), (65, 96)], [(31, 33)]]   # tile edges +-1 (bk=32)
+  for trial in range(20 + len(edges)):
+    if trial < len(edges):
+      lq, lk, bq, bk = 50, 130, 16, 32
+      mask = Mask.from_ranges(lq, lk, [(0, lq, a, b) for a, b in edges[trial]])
+      iv = KeyIntervals.from_mask(mask, 4)
+    else:
+      lq, lk = int(rng.integers(1, 200)), int(rng.integers(1, 400))
+      bq, bk = (int(rng.choice([16, 32, 64])) for _ in range(2))
+      mask, iv = _random_key_intervals(rng, lq, lk, 4)
+    lqp, lkp = -(-lq // bq) * bq, -(-lk // bk) * bk
+    rs, ts = runtime_schedule(iv, lqp, lkp, bq, bk), tile_schedule(mask, lqp, lkp, bq, bk)
+    np.testing.assert_array_equal(np.asarray(iv.to_dense()), mask.to_dense())
+    np.testing.assert_array_equal(np.asarray(rs.kv_partial), ts.kv_partial)
+    np.testing.assert_array_equal(np.asarray(rs.kv_full), ts.kv_full)
+    for i in range(lqp // bq):
+      n = int(ts.kv_partial[i] + ts.kv_full[i])
+      np.testing.assert_array_equal(np.asarray(rs.kv_tiles)[i * rs.wq:i * rs.wq + n], ts.kv_tiles[i * ts.wq:][:n])
+  n, b, lq, lk = 3, 2, 40, 96
+  q = jnp.asarray(rng.standard_normal((b, lq, 2, 32)), jnp.float32)
+  ks, vs = (jnp.asarray(rng.standard_normal((n, b, lk, 1, 32)), jnp.float32) for _ in range(2))
+  fn = jax.jit(lambda q, k, v, i, m: pk.flash_attention_stacked(q, k, v, i, m))
+  sizes = []
+  for _ in range(4):
+    mask, iv = _random_key_intervals(rng, lq, lk, 4)
+    i = int(rng.integers(n))
+    ref, run = _ref64(mask)
+    assert _rel(fn(q, ks, vs, jnp.int32(i), iv), run(ref, q, ks[i], vs[i])) < TOL[jnp.float32]
+    if not mask.ranges:
+      assert np.all(np.asarray(fn(q, ks, vs, jnp.int32(i), iv)) == 0)   # nothing allowed: zeros, not NaN
+    sizes.append(fn._cache_size())
+  assert sizes[-1] == sizes[1] <= 2   # (a process's first trace may add a context value: one retrace at most)
+  with pytest.raises(ValueError, match="intervals"):
+    pk.flash_attention_stacked(q, ks, vs, 0, KeyIntervals((lq, lk + 1), np.zeros((2, 2), np.int32)))
+
+
+def test_mosaic_forward_under_runtime_key_intervals_in_gpu_interpreter():
+  """The Mosaic forward reads a KeyIntervals mask's in-graph lists (every key tile wide) on a KV stack: the same
+  as the float64 reference, one executable for different intervals; its lowering for Hopper takes them as
+  operands. Backward kernels refuse it."""
+  plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  rng = np.random.default_rng()
+  n, b, lq, lk = 2, 1, 100, 384
+  q = jnp.asarray(rng.standard_normal((b, lq, 2, 64)), jnp.bfloat16)
+  ks, vs = (jnp.asarray(rng.standard_normal((n, b, lk, 1, 64)), jnp.bfloat16) for _ in range(2))
+  lowered = jax.jit(lambda q, k, v, i, m: mosaic.forward(q, k, v, m, sm_scale=0.125, kv_index=i)[0]).trace(
+      q, ks, vs, jnp.int32(0), _random_key_intervals(rng, lq, lk, 3)[1]).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+  if not hasattr(plgpu, "InterpretGPUParams"):
+    pytest.skip("this jax has no Mosaic GPU interpreter")
+  fn = jax.jit(lambda q, k, v, i, m: mosaic.forward(q, k, v, m, sm_scale=0.125, kv_index=i,
+                                                    interpret=plgpu.InterpretGPUParams())[0])
+  sizes = []
+  for _ in range(3):
+    mask, iv = _random_key_intervals(rng, lq, lk, 3)
+    i = int(rng.integers(n))
+    ref, run = _ref64(mask, sm_scale=0.125)
+    assert _rel(fn(q, ks, vs, jnp.int32(i), iv), run(ref, q, ks[i], vs[i])) < TOL[jnp.bfloat16]
+    sizes.append(fn._cache_size())
+  assert sizes[-1] == sizes[1] <= 2
+  with pytest.raises(ValueError, match="forward only"):
+    mosaic.backward(q, ks[0], vs[0], q, jnp.zeros((b, 2, lq), jnp.float32), q, iv, sm_scale=0.125)

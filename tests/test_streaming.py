@@ -379,3 +379,27 @@ def test_streaming_benchmark_counts_persistent_cache_hits_from_jax_log():
   assert len(row["persistent_cache_events"]) == hits + misses + 1
   assert all(k in e for k, e in zip(keys, row["persistent_cache_events"]))
   assert log.take()["persistent_cache_events"] == []      # take() empties it
+
+
+@pytest.mark.parametrize("pattern,nf,counts", [(BlockPattern(1, 1), 5, (3, 5)),
+                                               pytest.param(BlockPattern(1, 1, local_blocks=2, sink_blocks=1), 8,
+                                                            (4, 4), marks=pytest.mark.slow)])
+def test_runtime_masks_give_the_same_frames_with_one_function_per_chunk_role(pattern, nf, counts):
+  """stream(runtime_masks=True): each in-place chunk's mask (its key intervals) and its row in the buffer are
+  run-time inputs (`rollout.runtime_geometry`), so the chunks that play one role (size and step schedule, written
+  or not, in their slot or from the scratch rows) share one compiled function: a whole-video frame-wise cache
+  compiles 3 (the 4-step first chunk, the written ones, the last), not 5. The frames equal the static
+  masks' chunk by chunk, with a window and a sink too (chunks moved from the scratch rows to their slot; a window
+  already bounds the compiles)."""
+  seed = int(np.random.default_rng().integers(1000))
+  run, chunks, _, _ = _stream(pattern, nf, seed=seed, runtime_masks=True)   # first: the static run would warm
+  ref, _, plan, (model, _, _, _, _, schedules) = _stream(pattern, nf, seed=seed)   # the cache for a broken one
+  np.testing.assert_allclose(run, ref, atol=3e-5, rtol=1e-5)
+  scratch = rollout.in_place_scratch(model, plan, 4, "post_rope", "float32")
+  buffer = rollout.init_cache(model, plan, B, 4, scratch_tokens=scratch)["k"].shape[2]
+  static = [(rollout.chunk_geometry(plan, i, 4, buffer), schedules[i]) for i in range(len(plan.blocks))]
+  roles = {(rollout.runtime_geometry(g)[0], t) for g, t in static}
+  assert (len(roles), len(set(static))) == counts
+  assert sum(c.compiled for c in chunks) <= len(roles)
+  with pytest.raises(ValueError, match="in-place"):
+    rollout.runtime_geometry(rollout.chunk_geometry(plan, 0, 4))

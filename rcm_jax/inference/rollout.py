@@ -32,6 +32,10 @@ static); the steps within a chunk are a `fori_loop`, and the exit step may be tr
 Streaming (`stream`): a chunk's static part (`ChunkGeometry`: frames, mask, write or not) is separate from its
 dynamic part (`ChunkPositions`: RoPE frame positions, slot positions, write offset, all traced), so a stream
 compiles one function per distinct geometry: with a rolling window every steady-state chunk has the same one.
+`stream(runtime_masks=True)` moves an in-place chunk's mask (its key intervals, the same for every query row)
+and its buffer row to the dynamic part too (`runtime_geometry`), so without a window the chunks of one size and
+schedule share a function as well (a 21-frame frame-wise stream: 2 compiles, 3 when the first chunk takes other
+steps, not 21). Off by default until a GPU run times it.
 int8 KV cache (`kv_cache_dtype="int8"`): k/v stored as int8 with one fp32 scale per token and head (absmax /
 127); dequantised inside the jitted chunk before the model call, the written rows quantised after it.
 No KV cache (`kv_cache=False`): every chunk re-runs the model over all earlier frames (clean outputs at t = 0,
@@ -60,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.mask import KeyIntervals
 from rcm_jax.diffusion import flow, samplers
 from rcm_jax.errors import UserError
 from rcm_jax.inference.causal_sample import (PER_FRAME_CONDITIONS, SOLVERS, _Pattern, chunk_times, concat_batch,
@@ -245,6 +250,23 @@ class ChunkGeometry:
   write: bool            # are the chunk's k/v written to the cache?
   chunk_at: int | None = None   # in place: the buffer row where the chunk's k/v go (its slot, or the scratch rows)
   in_slot: bool = False   # chunk_at is the chunk's own (still empty) slot: its rows are already where they are kept
+  runtime: bool = False   # in place, with the mask and chunk_at in the dynamic part (`runtime_geometry`)
+
+
+RUNTIME_INTERVALS = 4   # key intervals of a run-time chunk mask: sinks, a window split by the ring, the chunk
+
+
+def runtime_geometry(geom: ChunkGeometry) -> tuple[ChunkGeometry, dict]:
+  """An in-place geometry with its mask and chunk row moved to the dynamic part: (static geometry, {key_intervals
+  int32[RUNTIME_INTERVALS, 2], chunk_at int32[]}). Every query row of an in-place chunk mask allows the same keys
+  (the visible slots and the chunk's rows), so the mask is those key intervals (`pallas_kernels.KeyIntervals`),
+  and the chunks of one size that play one role (written in their slot, written from the scratch rows, or not
+  written) share one compiled function."""
+  if geom.chunk_at is None:
+    raise ValueError("runtime_geometry needs an in-place geometry (a cache buffer with scratch rows).")
+  iv = KeyIntervals.from_mask(geom.mask, RUNTIME_INTERVALS).intervals
+  return (dataclasses.replace(geom, mask=None, chunk_at=None, runtime=True),
+          {"key_intervals": iv, "chunk_at": np.int32(geom.chunk_at)})
 
 
 def chunk_geometry(plan: CachePlan, i: int, tokens_per_frame: int, buffer_tokens: int | None = None
@@ -281,11 +303,15 @@ def _cached_call(model, params, x, tt, cond, cache, *, geom, pos, cache_keys, wr
   int8 = "k_scale" in cache
   fp = {k: dequantize_int8(cache[k], cache[k + "_scale"]) for k in "kv"} if int8 else cache
   write = write and geom.write
-  v, new = model.apply(params, x, tt, **cond, kv_cache=fp, mask=geom.mask, frame_positions=pos["frame_positions"],
+  mask, chunk_at = geom.mask, geom.chunk_at
+  if geom.runtime:
+    mask = KeyIntervals((geom.frames * _tpf(model, x), fp["k"].shape[2]), pos["key_intervals"])
+    chunk_at = pos["chunk_at"]
+  v, new = model.apply(params, x, tt, **cond, kv_cache=fp, mask=mask, frame_positions=pos["frame_positions"],
                        cache_positions=pos["cache_positions"] if cache_keys == "pre_rope" else None,
                        cache_write=pos["write_at"] if write and not geom.in_slot else None,
-                       cache_chunk_at=geom.chunk_at, cross_kv=cross_kv)
-  if not write and geom.chunk_at is None:   # nothing written: the model's cache output stays dead code (no copy)
+                       cache_chunk_at=chunk_at, cross_kv=cross_kv)
+  if not write and chunk_at is None:   # nothing written: the model's cache output stays dead code (no copy)
     return v, cache
   if not int8:
     return v, new
@@ -607,7 +633,7 @@ def check_stream_conditions(model, cond_block: dict, key: str):
 
 def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules, solver="consistency",
            cfg_scale=1.0, noisy_context=False, cache_keys="post_rope", kv_cache=True, kv_cache_dtype="float32",
-           rng=None, actions_key="sample.actions", lookahead=None, in_place=True):
+           rng=None, actions_key="sample.actions", lookahead=None, in_place=True, runtime_masks=False):
   """Generator of `StreamChunk`s, each yielded as soon as its frames are ready.
 
   noise: [B, T, H, W, C] (T = plan.num_frames) or a callable (i, f0, f1) -> the block's noise [B, n, H, W, C].
@@ -622,6 +648,8 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
   A chunk's `seconds` runs from its dispatch or from the previous chunk's arrival, whichever is later.
   in_place: post-RoPE caches in the model's compute dtype get scratch rows and each chunk is attended inside the
   cache buffer (module docstring); False concatenates [cache | chunk] as the training rollouts do (same frames).
+  runtime_masks: in place, each chunk's mask and row are run-time inputs (`runtime_geometry`): every chunk of one
+  size and schedule shares one compiled function (a 21-frame frame-wise stream: 2-3 compiles, not 21).
   """
   import time
 
@@ -660,8 +688,12 @@ def stream(model, params, noise, cond, null=None, *, plan: CachePlan, schedules,
                                     scratch_tokens=scratch)
         if shared_conditions:   # the text's cross-attention k/v, projected once for the whole stream
           state["cross_kv"] = _CROSS_KV(model, params, x_i, c_i, n_i, cfg_scale=cfg_scale)
-      pos = jax.tree.map(jnp.asarray, chunk_positions(plan, i, tpf))
+      pos = chunk_positions(plan, i, tpf)
       geom = chunk_geometry(plan, i, tpf, state["cache"]["k"].shape[2])
+      if runtime_masks and geom.chunk_at is not None:
+        geom, dynamic = runtime_geometry(geom)
+        pos.update(dynamic)
+      pos = jax.tree.map(jnp.asarray, pos)
       x0, state["cache"] = chunk_fn(model, params, state["cache"], x_i, c_i, n_i, pos, r_i, state["cross_kv"],
                                     geom=geom, times=schedules[i], solver=solver,
                                     cfg_scale=cfg_scale, noisy_context=noisy_context, cache_keys=cache_keys)

@@ -27,7 +27,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import reference
-from pallas_kernels.mask import Mask
+from pallas_kernels.mask import KeyIntervals, Mask
 
 IMPLS = ("xla", "pallas", "cudnn")
 CONTEXT = "context"
@@ -60,8 +60,9 @@ def context_mesh():
 def attention(q, k, v, mask: Mask | None = None, *, impl: str = "xla"):
   """q: [B, Lq, H, D], k/v: [B, Lk, Hkv, D] (Hkv | H) -> [B, Lq, H, D] in q.dtype; softmax scale D**-0.5.
 
-  mask: a static `pallas_kernels.Mask` of shape [Lq, Lk] (True = may attend), or None for full attention.
-  Under a mesh with context > 1: Ulysses context parallelism (module docstring).
+  mask: a static `pallas_kernels.Mask` of shape [Lq, Lk] (True = may attend), or None for full attention (or,
+  without a mesh, a run-time `KeyIntervals`: the same keys for every query row). Under a mesh with context > 1:
+  Ulysses context parallelism (module docstring).
   """
   if impl not in IMPLS:
     raise ValueError(f"unknown attention impl {impl!r}; use one of {IMPLS}.")
@@ -70,6 +71,9 @@ def attention(q, k, v, mask: Mask | None = None, *, impl: str = "xla"):
     mesh = kernel_mesh()
   if mesh is None:
     return _local_attention(q, k, v, mask, impl)
+  if isinstance(mask, KeyIntervals):
+    raise ValueError("a run-time KeyIntervals mask (rollout.stream(runtime_masks=True)) runs on one device; "
+                     "stream without a mesh, or with runtime_masks=False.")
   return ulysses_attention(q, k, v, mask, impl=impl, mesh=mesh)
 
 

@@ -219,7 +219,7 @@ class WanAttention(nn.Module):
     mask: [Lq, S + Lq] over keys `[cache | chunk]`. write_at: token offset (may be traced) where the chunk's
     k/v are written into the cache (same RoPE convention), or None. Returns (out [B, Lq, D], (new_k, new_v)).
 
-    In place (chunk_at, static, and layer, int32 that may be traced; post-RoPE keys in the compute dtype):
+    In place (chunk_at and layer, ints that may be traced; post-RoPE keys in the compute dtype):
     cache_k/cache_v are every layer's stacks [layers, B, S, H, Dh] with free rows [chunk_at, chunk_at + Lq)
     for the chunk, and this is entry `layer`. The chunk's k/v are written into those rows and the attention
     reads the stack itself under `mask` [Lq, S]: no [cache | chunk] concatenation and no slice of the layer's
@@ -310,7 +310,8 @@ class WanBlock(nn.Module):
   """
   config: WanConfig
   mask: Mask | None = None
-  chunk_at: int | None = None   # KV-cache path: the chunk's rows in the cache buffer (`cached_self_attention`)
+  chunk_at: int | None = None   # KV-cache path: the chunk's rows in the cache buffer (may be traced; see
+                                # `cached_self_attention`)
 
   @nn.compact
   def __call__(self, x, context, timestep_proj, cos, sin, cache=None, cache_rope=None, write_at=None, layer=None):

@@ -145,7 +145,7 @@ def _check_inputs(cfg: WanConfig, x, t, context, labels, actions, y, mask, frame
                          f"(cache_positions=None) in the compute dtype {jnp.dtype(cfg.compute_dtype).name}, got "
                          f"a {k.dtype} cache" + (" with cache_positions" if cache_positions is not None else "")
                          + ": pre-RoPE or other-dtype caches are rotated or cast into a copy anyway.")
-      if not 0 <= cache_chunk_at <= k.shape[2] - num_tokens:
+      if isinstance(cache_chunk_at, (int, np.integer)) and not 0 <= cache_chunk_at <= k.shape[2] - num_tokens:
         raise ValueError(f"cache_chunk_at={cache_chunk_at}: the chunk's {num_tokens} rows must fit in the cache "
                          f"buffer of {k.shape[2]} tokens (rollout.init_cache(scratch_tokens=...)).")
       if mask is None or mask.shape != (num_tokens, k.shape[2]):
@@ -190,8 +190,9 @@ class WanModel(nn.Module):
        (velocity, new kv_cache). cache_positions: int[S / tokens_per_frame] RoPE frame positions of the cache
        slots when keys are cached pre-RoPE (rotated at attention time), None when cached post-RoPE.
        cache_write: token slot (may be traced) where the chunk's k/v (same RoPE convention) are written, or None.
-       cache_chunk_at: static token offset of free rows in the cache buffer where the chunk's k/v are placed
-       for the attention (post-RoPE keys in the compute dtype; `mask` is then [L, S] over the buffer). Each
+       cache_chunk_at: token offset of free rows in the cache buffer where the chunk's k/v are placed for the
+       attention (post-RoPE keys in the compute dtype; `mask` is then [L, S] over the buffer). An int, or traced
+       with a run-time `pallas_kernels.KeyIntervals` mask (`rollout.runtime_geometry`). Each
        layer writes and reads its entry of the stacked cache in place (the stacks are the layer loop's carry),
        where attending over a [cache | chunk] concatenation copies the layer's cache every call. None:
        concatenate (the differentiable path: training rollouts).

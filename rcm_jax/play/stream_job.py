@@ -57,7 +57,8 @@ def stream_settings(config, section: str = "sample") -> dict:
     raise StreamConfigError(f"{section}.kv_cache_dtype={dtype!r}: choose one of {rollout.KV_CACHE_DTYPES}.")
   return dict(solver=s.get("solver", "consistency"), cfg_scale=float(s.cfg_scale),
               noisy_context=bool(s.get("noisy_context", False)), cache_keys=s.get("cache_keys", "post_rope"),
-              kv_cache=not bool(s.get("no_kv_cache", False)), kv_cache_dtype=dtype)
+              kv_cache=not bool(s.get("no_kv_cache", False)), kv_cache_dtype=dtype,
+              runtime_masks=bool(s.get("runtime_masks", False)))
 
 
 def make_stream_plan(config, num_frames: int, section: str = "sample", *, key: str = "sample.num_frames",
