@@ -378,7 +378,7 @@ def _runtime_forward(q, k, v, mask: KeyIntervals, scale: float, interpret: bool)
   q [B, Lq, H, D], k/v [B, Lk, Hkv, D] -> o [B, Lq, H, D]. Forward only."""
   lq, lk, d = q.shape[1], k.shape[1], q.shape[3]
   d_pad = min(x for x in SUPPORTED_HEAD_DIMS if x >= d)
-  cfg = _shrink(BlockSizes.default_for(q.dtype).all()[0], lq, lk)
+  cfg = _shrink(BlockSizes.default_for(q.dtype).fwd, lq, lk)
   lq_pad, lk_pad = _round_up(lq, cfg.block_q), _round_up(lk, cfg.block_k)
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, d_pad - d)))
   sched = runtime_schedule(mask, lq_pad, lk_pad, cfg.block_q, cfg.block_k)

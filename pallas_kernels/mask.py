@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -253,6 +255,7 @@ def tile_schedule(mask: Mask, lq_pad: int, lk_pad: int, block_q: int, block_k: i
 # every key tile). Forward only (`flash_attention_stacked`).
 # ----------------------------------------------------------------------------------------------
 
+@jax.tree_util.register_pytree_node_class
 class KeyIntervals:
   """A [Lq, Lk] mask whose every query row may attend to the same key intervals, given at run time.
 
@@ -280,8 +283,7 @@ class KeyIntervals:
     return cls(mask.shape, out)
 
   def to_dense(self):
-    """bool[Lq, Lk] (a jax array when the intervals are traced)."""
-    import jax.numpy as jnp  # noqa: PLC0415  (this module stays numpy-only for static masks)
+    """bool[Lq, Lk] (a jax array)."""
     iv = jnp.asarray(self.intervals)
     col = jnp.arange(self.shape[1])[None, :]
     keys = ((col >= iv[:, :1]) & (col < iv[:, 1:])).any(axis=0)
@@ -298,14 +300,6 @@ class KeyIntervals:
     return f"KeyIntervals({self.shape[0]}x{self.shape[1]}, {np.shape(self.intervals)[0]} intervals)"
 
 
-def _register_key_intervals():
-  import jax  # noqa: PLC0415
-  jax.tree_util.register_pytree_node_class(KeyIntervals)
-
-
-_register_key_intervals()
-
-
 class RuntimeSchedule:
   """The row-major part of a `TileSchedule` for a `KeyIntervals` mask, as jax arrays built in the graph
   (`runtime_schedule`): kv_tiles [nq * nk], kv_partial, kv_full [nq], kv_order [nq], wq = nk, mode "intervals",
@@ -320,7 +314,6 @@ class RuntimeSchedule:
 def runtime_schedule(mask: KeyIntervals, lq_pad: int, lk_pad: int, block_q: int, block_k: int) -> RuntimeSchedule:
   """`TileSchedule`'s row-major lists for a run-time mask: key tile t is FULL if one interval covers it, PARTIAL
   if any touches it, else EMPTY; partial tiles are listed first, then full ones, then the empty rest."""
-  import jax.numpy as jnp  # noqa: PLC0415
   lq = mask.shape[0]
   nq, nk = lq_pad // block_q, lk_pad // block_k
   iv = jnp.asarray(mask.intervals, jnp.int32)
