@@ -638,7 +638,7 @@ def test_mosaic_operand_rows():
 
 def _random_key_intervals(rng, lq, lk, r):
   """A static Mask whose rows all allow the same 0..r-1 random key intervals, and its KeyIntervals (r rows)."""
-  n = int(rng.integers(0, r))
+  n = min(int(rng.integers(0, r)), (lk + 1) // 2)
   pts = np.sort(rng.choice(lk + 1, 2 * n, replace=False)) if n else np.zeros(0, int)
   mask = Mask.from_ranges(lq, lk, [(0, lq, int(pts[2 * i]), int(pts[2 * i + 1])) for i in range(n)])
   return mask, KeyIntervals.from_mask(mask, r)
