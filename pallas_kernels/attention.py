@@ -61,6 +61,11 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
+def _head_dim_pad(d: int) -> int:
+  """The kernels' head dim for D: the smallest of SUPPORTED_HEAD_DIMS >= D (zero columns pad q, k, v)."""
+  return min(x for x in SUPPORTED_HEAD_DIMS if x >= d)
+
+
 def _shrink(cfg: KernelConfig, lq: int, lk: int) -> KernelConfig:
   """Smaller tiles for short sequences (keeps interpret-mode tests and decode cases cheap)."""
   p2 = lambda n: max(16, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
@@ -327,7 +332,7 @@ def flash_attention(q, k, v, mask: Mask | None = None, *, sm_scale: float | None
   if mask is None:
     mask = Mask.full(lq, lk)
   d = q.shape[3]
-  d_pad = min(x for x in SUPPORTED_HEAD_DIMS if x >= d)
+  d_pad = _head_dim_pad(d)
   if d_pad != d:
     # Zero columns change neither q.k nor the softmax, and give zero output columns (sliced off below);
     # pad/slice are linear, so grad and jvp pass through them. Costs (d_pad / d)x the matmul work.
@@ -377,7 +382,7 @@ def _runtime_forward(q, k, v, mask: KeyIntervals, scale: float, interpret: bool)
   """The Triton forward kernel under a run-time `KeyIntervals` mask (its tile lists built in the graph):
   q [B, Lq, H, D], k/v [B, Lk, Hkv, D] -> o [B, Lq, H, D]. Forward only."""
   lq, lk, d = q.shape[1], k.shape[1], q.shape[3]
-  d_pad = min(x for x in SUPPORTED_HEAD_DIMS if x >= d)
+  d_pad = _head_dim_pad(d)
   cfg = _shrink(BlockSizes.default_for(q.dtype).fwd, lq, lk)
   lq_pad, lk_pad = _round_up(lq, cfg.block_q), _round_up(lk, cfg.block_k)
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, d_pad - d)))

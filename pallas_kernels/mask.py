@@ -167,17 +167,11 @@ class TileSchedule:
     r_max = max(1, max(len(iv) for _, _, iv in segs))
     self.mode = "intervals" if (mask.ranges is not None or r_max <= MAX_INTERVALS) else "dense"
 
-    # State of every (segment, key tile): FULL if one interval covers the tile, else PARTIAL if any
-    # interval touches it. Padded key columns are never covered, so the last tile of a ragged Lk is
-    # at most PARTIAL.
-    tile_lo = np.arange(nk) * block_k
-    tile_hi = tile_lo + block_k
+    # State of every (segment, key tile). Padded key columns are never covered, so the last tile of a
+    # ragged Lk is at most PARTIAL.
     seg_state = np.zeros((len(segs), nk), np.int8)
     for si, (_, _, iv) in enumerate(segs):
-      for s, e in iv:
-        touched = (tile_lo < e) & (tile_hi > s)
-        covered = (tile_lo >= s) & (tile_hi <= e)
-        seg_state[si] = np.maximum(seg_state[si], np.where(covered, FULL, np.where(touched, PARTIAL, EMPTY)))
+      seg_state[si] = _key_tile_states(np.asarray(iv, np.int64).reshape(-1, 2), nk, block_k)
 
     # A query tile combines the segments of its real rows (padded rows are don't-care: their
     # outputs are sliced off and their q / dO are zero).
@@ -216,15 +210,31 @@ class TileSchedule:
     return float((self.tile_state > EMPTY).mean())
 
 
+def _key_tile_states(intervals, nk: int, block_k: int, xp=np):
+  """States of nk key tiles under key intervals [R, 2] ([start, end), empty ones ignored): FULL if one interval
+  covers the tile, else PARTIAL if any touches it, else EMPTY. xp: numpy (static schedules) or jax.numpy
+  (`runtime_schedule`, traced intervals)."""
+  s, e = intervals[:, 0:1], intervals[:, 1:2]                          # [R, 1]
+  lo = xp.arange(nk)[None, :] * block_k                                 # [1, nk]
+  hi = lo + block_k
+  covered = ((s <= lo) & (hi <= e) & (s < e)).any(axis=0)
+  touched = ((s < hi) & (e > lo) & (s < e)).any(axis=0)
+  return xp.where(covered, FULL, xp.where(touched, PARTIAL, EMPTY))
+
+
+def _partial_first(state, xp=np):
+  """Tile indices along the last axis, PARTIAL first, FULL next, EMPTY last, index order kept within each."""
+  key = xp.where(state == PARTIAL, 0, xp.where(state == FULL, 1, 2))
+  return np.argsort(key, axis=-1, kind="stable") if xp is np else xp.argsort(key, axis=-1, stable=True)
+
+
 def _work_lists(state: np.ndarray):
   """state [n, m] -> (tiles [n * w] int32, n_partial [n], n_full [n]); partial tiles listed first."""
   n = state.shape[0]
   n_partial = (state == PARTIAL).sum(1).astype(np.int32)
   n_full = (state == FULL).sum(1).astype(np.int32)
   w = max(1, int((n_partial + n_full).max()))
-  # Stable sort by (PARTIAL first, FULL next, EMPTY last), keeping tile order within each class.
-  order_key = np.where(state == PARTIAL, 0, np.where(state == FULL, 1, 2))
-  order = np.argsort(order_key, axis=1, kind="stable")[:, :w].astype(np.int32)
+  order = _partial_first(state)[:, :w].astype(np.int32)
   return np.ascontiguousarray(order.reshape(n * w)), n_partial, n_full
 
 
@@ -312,18 +322,14 @@ class RuntimeSchedule:
 
 
 def runtime_schedule(mask: KeyIntervals, lq_pad: int, lk_pad: int, block_q: int, block_k: int) -> RuntimeSchedule:
-  """`TileSchedule`'s row-major lists for a run-time mask: key tile t is FULL if one interval covers it, PARTIAL
-  if any touches it, else EMPTY; partial tiles are listed first, then full ones, then the empty rest."""
+  """`TileSchedule`'s row-major lists for a run-time mask, from the same tile rule (`_key_tile_states`) and order
+  (`_partial_first`), padded with the empty tiles to every key tile."""
   lq = mask.shape[0]
   nq, nk = lq_pad // block_q, lk_pad // block_k
   iv = jnp.asarray(mask.intervals, jnp.int32)
   s, e = iv[:, 0:1], iv[:, 1:2]                                        # [R, 1]
-  lo = jnp.arange(nk, dtype=jnp.int32)[None, :] * block_k               # [1, nk]
-  hi = lo + block_k
-  covered = ((s <= lo) & (hi <= e) & (s < e)).any(axis=0)
-  touched = ((s < hi) & (e > lo) & (s < e)).any(axis=0)
-  state = jnp.where(covered, FULL, jnp.where(touched, PARTIAL, EMPTY))  # [nk]
-  order = jnp.argsort(jnp.where(state == PARTIAL, 0, jnp.where(state == FULL, 1, 2)), stable=True)
+  state = _key_tile_states(iv, nk, block_k, jnp)                        # [nk]
+  order = _partial_first(state, jnp)
   n_partial = jnp.full((nq,), (state == PARTIAL).sum(), jnp.int32)
   n_full = jnp.full((nq,), (state == FULL).sum(), jnp.int32)
   tiles = jnp.tile(order.astype(jnp.int32), nq)
