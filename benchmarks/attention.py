@@ -8,6 +8,8 @@
   python benchmarks/attention.py --mosaic-bwd-tune   # the backward kernels alone: Mosaic configs vs Triton
                                                      # (with and without the consumers' ping-pong)
   python benchmarks/attention.py --mosaic-persistent-tune   # the forward: one CTA per tile vs persistent CTAs
+  python benchmarks/attention.py --mosaic-mask-tune   # the kernels: single-run tile masks, read-only store
+                                                      # waits, persistent CTAs, against the code before them
 
 Reports TFLOP/s at B=1, H=12, D=128, bf16 for forward, forward+backward and forward+JVP, dense and with
 the Wan teacher-forcing mask (1560 tokens per latent frame, frame-wise c1-1 and chunk-wise c3-3), beside
@@ -104,6 +106,9 @@ def check(log, scm=True, only=None, jvp=True):
       ("dense D=64 L=2048", None, 2048, 2048, 2, 2, jnp.bfloat16),
       ("empty rows + 2 intervals", Mask.from_ranges(700, 900, [(100, 700, 0, 130), (100, 400, 300, 650),
                                                                 (400, 700, 500, 900)]), 700, 900, 2, 1, jnp.bfloat16),
+      # (the cases above mask a partial tile by one range a row; here two intervals share key tiles)
+      ("2 intervals in one tile", Mask.from_ranges(700, 900, [(100, 700, 0, 70), (100, 400, 100, 190),
+                                                              (400, 700, 150, 900)]), 700, 900, 2, 1, jnp.bfloat16),
   ]
   ok = True
   for case in cases:
@@ -361,6 +366,63 @@ def mosaic_jvp_tune(log, results, cases=("dense:16384", "tf:21:1")):
     _time_runs(log, results, f"jvp tune {case}", "jvp", runs, args, flops)
 
 
+def _traced_with(fn, **flags):
+  """fn jitted, traced with the given `pallas_kernels.mosaic` module switches set (they are read at trace time)."""
+  from pallas_kernels import mosaic  # noqa: PLC0415
+
+  def traced(*args):
+    old = {name: getattr(mosaic, name) for name in flags}
+    for name, value in flags.items():
+      setattr(mosaic, name, value)
+    try:
+      return fn(*args)
+    finally:
+      for name, value in old.items():
+        setattr(mosaic, name, value)
+
+  return jax.jit(traced)
+
+
+def mosaic_mask_tune(log, results, cases=("dense:15600", "tf:5:1", "dense:16384", "dense:18720", "tf:6:3",
+                                          "tf:21:1"), rounds=2):
+  """The three Mosaic kernels alone, with this session's options against the code before them, alternating in
+  one process (`rounds` rounds, the order reversed each round): `SINGLE_RUN` (partial tiles masked by one range
+  a row), `STORE_WAIT_READ` (the last stores waited until read, not written), and for the forward the
+  persistent CTAs (snake order). Rates are tile rates: FLOPs of every computed 128 x 128 tile (issue 3's 90%
+  rule compares them with dense at the same length)."""
+  from pallas_kernels import mosaic  # noqa: PLC0415
+  before = dict(SINGLE_RUN=False, STORE_WAIT_READ=False)
+  for case in cases:
+    mask = _case_mask(case)
+    lq, lk = mask.shape
+    q, k, v, tq, tk, tv = inputs(lq, lk)
+    do = tq   # (any array of q's shape)
+    frac = tile_schedule(mask, -(-lq // 128) * 128, -(-lk // 128) * 128, 128, 128).computed_fraction()
+    base = 4.0 * B * H * lq * lk * D * frac
+    o, lse = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=D ** -0.5))(q, k, v)
+    fwd = lambda cfg=mosaic.MosaicConfig(): (lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=D ** -0.5,
+                                                                            cfg=cfg, unpadded_o=True))
+    bwd = lambda q, k, v, o, lse, do: mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=D ** -0.5)
+    jvp = lambda *a: mosaic.forward_jvp(*a, mask, sm_scale=D ** -0.5)
+    kernels = [
+        ("fwd", 1.0, (q, k, v), [("default", _traced_with(fwd())), ("before", _traced_with(fwd(), **before)),
+                                 ("general_mask", _traced_with(fwd(), SINGLE_RUN=False)),
+                                 ("full_store_wait", _traced_with(fwd(), STORE_WAIT_READ=False)),
+                                 ("persistent132", _traced_with(fwd(mosaic.MosaicConfig(persistent_ctas=132))))]),
+        ("bwd", 2.5, (q, k, v, o, lse, do), [("default", _traced_with(bwd)), ("before", _traced_with(bwd, **before))]),
+        ("jvp", 3.0, (q, k, v, tq, tk, tv), [("default", _traced_with(jvp)), ("before", _traced_with(jvp, **before))]),
+    ]
+    for mode, mult, args, runs in kernels:
+      for r in range(rounds):
+        _time_runs(log, results, f"mask tune {case} r{r}", mode, runs if r % 2 == 0 else runs[::-1], args,
+                   base * mult)
+      ref = runs[0][1](*args)
+      for name, fn in runs[1:]:
+        got = fn(*args)
+        log(f"mask tune {case} {mode} {name}: rel. difference to the default "
+            + " / ".join(f"{rel(a, b):.1e}" for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))))
+
+
 def mosaic_order_ab(log, results, cases=("tf:5:1", "tf:6:3", "tf:21:3", "dense:16384")):
   """The Mosaic kernels (fwd, fwd+bwd, fwd+JVP) with tiles handed out in index order and heaviest first
   (`mosaic.HEAVIEST_FIRST`), one after the other in the same process."""
@@ -450,6 +512,10 @@ def main():
                   help="time the backward kernels alone: Mosaic configs beside the Triton pair")
   ap.add_argument("--bwd-cases", default="dense:16384,tf:21:3,cross:65520:512",
                   help="--mosaic-bwd-tune cases: dense:L, tf:FRAMES:CHUNK, cross:LQ:LK")
+  ap.add_argument("--mosaic-mask-tune", action="store_true",
+                  help="time the Mosaic kernels with the single-run tile mask, the read-only store wait and "
+                       "persistent CTAs against the code before them")
+  ap.add_argument("--mask-cases", default="dense:15600,tf:5:1,dense:16384,dense:18720,tf:6:3,tf:21:1")
   ap.add_argument("--mosaic-persistent-tune", action="store_true",
                   help="time the Mosaic forward with one CTA per work item and with persistent CTAs")
   ap.add_argument("--check-only", default="", help="comma-separated substrings of the --check case names to run")
@@ -475,7 +541,7 @@ def main():
     ok = check(log, scm=not args.skip_scm, only=[c for c in args.check_only.split(",") if c],
                jvp=not args.check_no_jvp)
   if (args.bench or args.tune or args.tune2 or args.mosaic_tune or args.mosaic_bwd_tune or args.mosaic_jvp_tune
-      or args.mosaic_order or args.mosaic_persistent_tune):
+      or args.mosaic_order or args.mosaic_persistent_tune or args.mosaic_mask_tune):
     matmul_peak(log)
   if args.mosaic_tune:
     mosaic_tune(log, results)
@@ -483,6 +549,8 @@ def main():
     mosaic_bwd_tune(log, results, cases=args.bwd_cases.split(","))
   if args.mosaic_persistent_tune:
     mosaic_persistent_tune(log, results)
+  if args.mosaic_mask_tune:
+    mosaic_mask_tune(log, results, cases=args.mask_cases.split(","))
   if args.mosaic_jvp_tune:
     mosaic_jvp_tune(log, results)
   if args.mosaic_order:

@@ -157,6 +157,8 @@ class TileSchedule:
     starts, ends [R, Lq_pad]: allowed key intervals per row (intervals mode), or dense [Lq_pad, Lk_pad]
       int8 (dense mode). Padded rows allow nothing; padded keys are never allowed.
     tile_state [nq, nk]: EMPTY / PARTIAL / FULL (small: one byte per tile).
+    single_run: intervals mode, and no key tile is touched by two intervals of one row, so a row's allowed keys
+      within any tile are one range (the Mosaic kernels then mask a partial tile with two compares an element).
   """
 
   def __init__(self, mask: Mask, lq_pad: int, lk_pad: int, block_q: int, block_k: int):
@@ -170,8 +172,11 @@ class TileSchedule:
     # State of every (segment, key tile). Padded key columns are never covered, so the last tile of a
     # ragged Lk is at most PARTIAL.
     seg_state = np.zeros((len(segs), nk), np.int8)
+    max_runs = 0
     for si, (_, _, iv) in enumerate(segs):
-      seg_state[si] = _key_tile_states(np.asarray(iv, np.int64).reshape(-1, 2), nk, block_k)
+      seg_state[si], runs = _key_tile_states(np.asarray(iv, np.int64).reshape(-1, 2), nk, block_k)
+      max_runs = max(max_runs, int(runs.max(initial=0)))
+    self.single_run = self.mode == "intervals" and max_runs <= 1
 
     # A query tile combines the segments of its real rows (padded rows are don't-care: their
     # outputs are sliced off and their q / dO are zero).
@@ -211,15 +216,15 @@ class TileSchedule:
 
 
 def _key_tile_states(intervals, nk: int, block_k: int, xp=np):
-  """States of nk key tiles under key intervals [R, 2] ([start, end), empty ones ignored): FULL if one interval
-  covers the tile, else PARTIAL if any touches it, else EMPTY. xp: numpy (static schedules) or jax.numpy
-  (`runtime_schedule`, traced intervals)."""
+  """(states, runs) of nk key tiles under key intervals [R, 2] ([start, end), empty ones ignored). states: FULL
+  if one interval covers the tile, else PARTIAL if any touches it, else EMPTY. runs: how many intervals touch
+  the tile. xp: numpy (static schedules) or jax.numpy (`runtime_schedule`, traced intervals)."""
   s, e = intervals[:, 0:1], intervals[:, 1:2]                          # [R, 1]
   lo = xp.arange(nk)[None, :] * block_k                                 # [1, nk]
   hi = lo + block_k
   covered = ((s <= lo) & (hi <= e) & (s < e)).any(axis=0)
-  touched = ((s < hi) & (e > lo) & (s < e)).any(axis=0)
-  return xp.where(covered, FULL, xp.where(touched, PARTIAL, EMPTY))
+  runs = ((s < hi) & (e > lo) & (s < e)).sum(axis=0)
+  return xp.where(covered, FULL, xp.where(runs > 0, PARTIAL, EMPTY)), runs
 
 
 def _partial_first(state, xp=np):
@@ -315,6 +320,7 @@ class RuntimeSchedule:
   (`runtime_schedule`): kv_tiles [nq * nk], kv_partial, kv_full [nq], kv_order [nq], wq = nk, mode "intervals",
   mask_arrays (starts, ends) [R, Lq_pad] (rows past Lq allow nothing). Every query tile has the same list."""
   mode = "intervals"
+  single_run = False   # two intervals may touch one key tile (the chunk's cache slots and its own rows)
 
   def __init__(self, kv_tiles, kv_partial, kv_full, kv_order, wq, mask_arrays):
     self.kv_tiles, self.kv_partial, self.kv_full, self.kv_order = kv_tiles, kv_partial, kv_full, kv_order
@@ -328,7 +334,7 @@ def runtime_schedule(mask: KeyIntervals, lq_pad: int, lk_pad: int, block_q: int,
   nq, nk = lq_pad // block_q, lk_pad // block_k
   iv = jnp.asarray(mask.intervals, jnp.int32)
   s, e = iv[:, 0:1], iv[:, 1:2]                                        # [R, 1]
-  state = _key_tile_states(iv, nk, block_k, jnp)                        # [nk]
+  state, _ = _key_tile_states(iv, nk, block_k, jnp)                     # [nk]
   order = _partial_first(state, jnp)
   n_partial = jnp.full((nq,), (state == PARTIAL).sum(), jnp.int32)
   n_full = jnp.full((nq,), (state == FULL).sum(), jnp.int32)

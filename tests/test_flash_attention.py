@@ -563,6 +563,41 @@ def test_mosaic_backward_in_gpu_interpreter(pingpong, splits, fused, d):
       assert _rel(got, w) <= 1.05 * _rel(one, w)
 
 
+def test_mosaic_kernels_mask_single_run_tiles_in_gpu_interpreter(monkeypatch):
+  """A mask whose rows' intervals never share a key tile (`TileSchedule.single_run`, as in teacher forcing):
+  the kernels mask a partial tile by one range a row (`mosaic._mask_tile`). Forward, backward and JVP against
+  float64, with ranges that start and end inside tiles, two intervals a row, rows with nothing allowed, full
+  tiles beside partial ones, ragged lengths; the forward equal bit for bit to the general interval masking."""
+  plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  if not hasattr(plgpu, "InterpretGPUParams"):
+    pytest.skip("this jax has no Mosaic GPU interpreter")
+  from pallas_kernels.mask import tile_schedule  # noqa: PLC0415
+  rng = np.random.default_rng()
+  lq, lk = int(rng.integers(290, 360)), int(rng.integers(520, 560))
+  e, a = int(rng.integers(130, 150)), int(rng.integers(40, 90))   # rows [0, e) allow nothing
+  mask = Mask.from_ranges(lq, lk, [(e, lq // 2, 0, a), (e, lq // 2, int(rng.integers(260, 290)), 330),
+                                   (lq // 2, lq, int(rng.integers(140, 170)), 250), (lq // 2, lq, 380, lk)])
+  sched = tile_schedule(mask, 384, 640, 128, 128)
+  assert sched.single_run and set(np.unique(sched.tile_state)) == {0, 1, 2}   # empty, partial and full tiles
+  q, k, v, tq, tk, tv = _inputs(rng, 1, lq, lk, 4, 2, 64, jnp.bfloat16, n=2)
+  do = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
+  interp = plgpu.InterpretGPUParams()
+  ref, run = _ref64(mask, sm_scale=0.3)
+  o, lse = mosaic.forward(q, k, v, mask, sm_scale=0.3, interpret=interp)
+  assert _rel(o, run(ref, q, k, v)) < TOL[jnp.bfloat16]
+  grads = mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=0.3, interpret=interp)
+  want = run(lambda q, k, v, do: jax.vjp(ref, q, k, v)[1](do), q, k, v, do)
+  for name, got, w in zip(("dq", "dk", "dv"), grads, want):
+    assert _rel(got, w) < TOL[jnp.bfloat16], name
+  o_j, to = mosaic.forward_jvp(q, k, v, tq, tk, tv, mask, sm_scale=0.3, interpret=interp)
+  want_o, want_t = run(lambda *x: jax.jvp(ref, x[:3], x[3:]), q, k, v, tq, tk, tv)
+  assert _rel(o_j, want_o) < TOL[jnp.bfloat16] and _rel(to, want_t) < TOL[jnp.bfloat16]
+  assert np.all(np.asarray(o)[:, :e] == 0) and np.all(np.asarray(to)[:, :e] == 0)
+  monkeypatch.setattr(mosaic, "SINGLE_RUN", False)
+  o_general, _ = mosaic.forward(q, k, v, mask, sm_scale=0.3, interpret=interp)
+  np.testing.assert_array_equal(np.asarray(o), np.asarray(o_general))
+
+
 def test_auto_dkdv_splits():
   """Split the dk/dv kernel's query walk only below 4 CTAs per SM, and never into parts of fewer than 8 tiles."""
   assert mosaic.auto_dkdv_splits(12 * 512, 1024) == 1                  # 65,520-token self-attention

@@ -53,6 +53,12 @@ def _check(mask, bq, bk):
     keys = [(-work[t], t) for t in order]
     assert keys == sorted(keys)
   assert abs(mask.density() - dense.mean()) < 1e-12
+  # single_run: in no row does the mask allow two separate runs of keys inside one key tile
+  padded = np.zeros((lq, lk_pad), bool)
+  padded[:, :lk] = dense
+  tiles = padded.reshape(lq, lk_pad // bk, bk)
+  runs = tiles[..., 0].astype(int) + (tiles[..., 1:] & ~tiles[..., :-1]).sum(-1)
+  assert sched.single_run == (sched.mode == "intervals" and runs.max(initial=0) <= 1)
   return sched
 
 
@@ -94,4 +100,5 @@ def test_wan_teacher_forcing_schedule_is_cheap(monkeypatch):
   sched = tile_schedule(mask, -(-lq // 128) * 128, -(-lq // 128) * 128, 128, 64)
   assert 0.2 < sched.computed_fraction() < 0.35
   assert sched.mask_arrays[0].shape == (2, sched.mask_arrays[0].shape[1])
+  assert sched.single_run   # a noisy row's clean context and its own frame are never in one key tile
   assert 0.2 < mask.density() < 0.3
