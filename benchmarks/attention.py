@@ -8,8 +8,8 @@
   python benchmarks/attention.py --mosaic-bwd-tune   # the backward kernels alone: Mosaic configs vs Triton
                                                      # (with and without the consumers' ping-pong)
   python benchmarks/attention.py --mosaic-persistent-tune   # the forward: one CTA per tile vs persistent CTAs
-  python benchmarks/attention.py --mosaic-mask-tune   # the kernels: single-run tile masks, read-only store
-                                                      # waits, persistent CTAs, against the code before them
+  python benchmarks/attention.py --mosaic-mask-tune   # masked share of dense in paired rounds; single-run
+                                                      # tile masks and persistent CTAs against the code before
 
 Reports TFLOP/s at B=1, H=12, D=128, bf16 for forward, forward+backward and forward+JVP, dense and with
 the Wan teacher-forcing mask (1560 tokens per latent frame, frame-wise c1-1 and chunk-wise c3-3), beside
@@ -383,44 +383,87 @@ def _traced_with(fn, **flags):
   return jax.jit(traced)
 
 
-def mosaic_mask_tune(log, results, cases=("dense:15600", "tf:5:1", "dense:16384", "dense:18720", "tf:6:3",
-                                          "tf:21:1"), rounds=2):
-  """The three Mosaic kernels alone, with this session's options against the code before them, alternating in
-  one process (`rounds` rounds, the order reversed each round): `SINGLE_RUN` (partial tiles masked by one range
-  a row), `STORE_WAIT_READ` (the last stores waited until read, not written), and for the forward the
-  persistent CTAs (snake order). Rates are tile rates: FLOPs of every computed 128 x 128 tile (issue 3's 90%
-  rule compares them with dense at the same length)."""
+def _paired_rounds(log, label, runs, args, rounds, reps):
+  """Time each (name, jitted fn, flops) of `runs` on `args` in `rounds` rounds, the run order rotated each round,
+  `reps` calls a sample. Returns {name: [seconds per call, one per round]}: compare runs by their ratios within a
+  round, which cancel the card's clock drifting over the minutes of a long A/B."""
+  times = {name: [] for name, _, _ in runs}
+  for _, fn, _ in runs:
+    jax.block_until_ready(fn(*args))   # compile and warm up every run first
+  for r in range(rounds):
+    shift = r % len(runs)
+    for name, fn, _ in runs[shift:] + runs[:shift]:
+      out = fn(*args)
+      jax.block_until_ready(out)
+      t = time.perf_counter()
+      for _ in range(reps):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t) / reps)
+  for name, _, flops in runs:
+    ts = np.asarray(times[name])
+    log(f"{label:26s} {name:18s} median {np.median(ts)*1e3:8.3f} ms  {flops / np.median(ts) / 1e12:7.1f} TFLOP/s  "
+        f"(rounds {ts.min()*1e3:.3f}-{ts.max()*1e3:.3f} ms)")
+  return times
+
+
+def mosaic_mask_tune(log, results, cases=("tf:5:1", "tf:6:3", "tf:21:1"), rounds=12, reps=10):
+  """Issue 3's masked share of dense, and the kernels' options for masks whose rows see few key tiles against
+  the code before them: the three Mosaic kernels alone on one teacher-forcing case and on dense attention of
+  the same length (same q, k, v), in paired rounds (`_paired_rounds`). Options: `mosaic.SINGLE_RUN` (partial
+  tiles masked by one range a row) and, for the forward, persistent CTAs (`MosaicConfig.persistent_ctas`, its
+  default rule against one CTA per item). Rates are tile rates (FLOPs of every computed 128 x 128 tile);
+  `share` is the median over rounds of a run's tile rate over dense's in the same round, `vs default` the
+  median time ratio."""
   from pallas_kernels import mosaic  # noqa: PLC0415
-  before = dict(SINGLE_RUN=False, STORE_WAIT_READ=False)
+  one_cta = mosaic.MosaicConfig(persistent_ctas=0)
   for case in cases:
     mask = _case_mask(case)
     lq, lk = mask.shape
+    dense = Mask.full(lq, lk)
     q, k, v, tq, tk, tv = inputs(lq, lk)
     do = tq   # (any array of q's shape)
     frac = tile_schedule(mask, -(-lq // 128) * 128, -(-lk // 128) * 128, 128, 128).computed_fraction()
-    base = 4.0 * B * H * lq * lk * D * frac
-    o, lse = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=D ** -0.5))(q, k, v)
-    fwd = lambda cfg=mosaic.MosaicConfig(): (lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=D ** -0.5,
-                                                                            cfg=cfg, unpadded_o=True))
-    bwd = lambda q, k, v, o, lse, do: mosaic.backward(q, k, v, o, lse, do, mask, sm_scale=D ** -0.5)
-    jvp = lambda *a: mosaic.forward_jvp(*a, mask, sm_scale=D ** -0.5)
+    flops = 4.0 * B * H * lq * lk * D
+    fwd = lambda m, cfg=mosaic.MosaicConfig(): (lambda q, k, v: mosaic.forward(q, k, v, m, sm_scale=D ** -0.5,
+                                                                               cfg=cfg, unpadded_o=True))
+    bwd = lambda m: (lambda q, k, v, o, lse, do: mosaic.backward(q, k, v, o, lse, do, m, sm_scale=D ** -0.5))
+    jvp = lambda m: (lambda *a: mosaic.forward_jvp(*a, m, sm_scale=D ** -0.5))
+    o, lse = jax.jit(fwd(mask))(q, k, v)
+    o_d, lse_d = jax.jit(fwd(dense))(q, k, v)
     kernels = [
-        ("fwd", 1.0, (q, k, v), [("default", _traced_with(fwd())), ("before", _traced_with(fwd(), **before)),
-                                 ("general_mask", _traced_with(fwd(), SINGLE_RUN=False)),
-                                 ("full_store_wait", _traced_with(fwd(), STORE_WAIT_READ=False)),
-                                 ("persistent132", _traced_with(fwd(mosaic.MosaicConfig(persistent_ctas=132))))]),
-        ("bwd", 2.5, (q, k, v, o, lse, do), [("default", _traced_with(bwd)), ("before", _traced_with(bwd, **before))]),
-        ("jvp", 3.0, (q, k, v, tq, tk, tv), [("default", _traced_with(jvp)), ("before", _traced_with(jvp, **before))]),
+        ("fwd", 1.0, (q, k, v), fwd, [("before", dict(SINGLE_RUN=False, cfg=one_cta)),
+                                      ("one_cta_per_item", dict(cfg=one_cta)),
+                                      ("general_mask", dict(SINGLE_RUN=False))]),
+        ("bwd", 2.5, (q, k, v, o, lse, do), bwd, [("before", dict(SINGLE_RUN=False))]),
+        ("jvp", 3.0, (q, k, v, tq, tk, tv), jvp, [("before", dict(SINGLE_RUN=False))]),
     ]
-    for mode, mult, args, runs in kernels:
-      for r in range(rounds):
-        _time_runs(log, results, f"mask tune {case} r{r}", mode, runs if r % 2 == 0 else runs[::-1], args,
-                   base * mult)
-      ref = runs[0][1](*args)
-      for name, fn in runs[1:]:
-        got = fn(*args)
-        log(f"mask tune {case} {mode} {name}: rel. difference to the default "
-            + " / ".join(f"{rel(a, b):.1e}" for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))))
+    for mode, mult, args, make, options in kernels:
+      dense_args = (q, k, v, o_d, lse_d, do) if mode == "bwd" else args
+      runs = [("dense", _traced_with(make(dense)), flops * mult),
+              ("default", _traced_with(make(mask)), flops * mult * frac)]
+      for name, opt in options:
+        opt = dict(opt)
+        cfg = opt.pop("cfg", None)
+        runs.append((name, _traced_with(make(mask, cfg) if cfg else make(mask), **opt), flops * mult * frac))
+      # dense runs on its own o / lse (bwd): one argument tuple per run
+      wrapped = [(n, (lambda f, a: (lambda *_: f(*a)))(f, dense_args if n == "dense" else args), fl)
+                 for n, f, fl in runs]
+      label = f"{mode} {case} L={lq}"
+      times = _paired_rounds(log, label, wrapped, (), rounds, reps)
+      t_dense, t_def = np.asarray(times["dense"]), np.asarray(times["default"])
+      for name, _, fl in runs:
+        t = np.asarray(times[name])
+        share = float(np.median((fl / t) / (flops * mult / t_dense)))
+        vs = float(np.median(t / t_def))
+        results.append(dict(label=label, impl=name, mode=mode, ms=float(np.median(t)) * 1e3,
+                            tile_tflops=fl / float(np.median(t)) / 1e12, share_of_dense=share, time_vs_default=vs,
+                            rounds_ms=[x * 1e3 for x in times[name]]))
+        log(f"{label:26s} {name:18s} share of dense {share:6.1%}  time vs default {vs:6.3f}")
+      ref = runs[1][1](*args)
+      for name, fn, _ in runs[2:]:
+        log(f"{label} {name}: rel. difference to the default "
+            + " / ".join(f"{rel(a, b):.1e}" for a, b in zip(jax.tree.leaves(fn(*args)), jax.tree.leaves(ref))))
 
 
 def mosaic_order_ab(log, results, cases=("tf:5:1", "tf:6:3", "tf:21:3", "dense:16384")):
@@ -513,9 +556,10 @@ def main():
   ap.add_argument("--bwd-cases", default="dense:16384,tf:21:3,cross:65520:512",
                   help="--mosaic-bwd-tune cases: dense:L, tf:FRAMES:CHUNK, cross:LQ:LK")
   ap.add_argument("--mosaic-mask-tune", action="store_true",
-                  help="time the Mosaic kernels with the single-run tile mask, the read-only store wait and "
-                       "persistent CTAs against the code before them")
-  ap.add_argument("--mask-cases", default="dense:15600,tf:5:1,dense:16384,dense:18720,tf:6:3,tf:21:1")
+                  help="the Mosaic kernels' masked share of dense, and their single-run tile masks and persistent "
+                       "CTAs against the code before them, in paired rounds")
+  ap.add_argument("--mask-cases", default="tf:5:1,tf:6:3,tf:21:1")
+  ap.add_argument("--mask-rounds", type=int, default=12)
   ap.add_argument("--mosaic-persistent-tune", action="store_true",
                   help="time the Mosaic forward with one CTA per work item and with persistent CTAs")
   ap.add_argument("--check-only", default="", help="comma-separated substrings of the --check case names to run")
@@ -550,7 +594,7 @@ def main():
   if args.mosaic_persistent_tune:
     mosaic_persistent_tune(log, results)
   if args.mosaic_mask_tune:
-    mosaic_mask_tune(log, results, cases=args.mask_cases.split(","))
+    mosaic_mask_tune(log, results, cases=args.mask_cases.split(","), rounds=args.mask_rounds)
   if args.mosaic_jvp_tune:
     mosaic_jvp_tune(log, results)
   if args.mosaic_order:

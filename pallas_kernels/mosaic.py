@@ -15,9 +15,10 @@ tile and run the online softmax over the same key tiles: S = Q K^T by wgmma (Q a
 memory, fp32 accumulators in registers), base-2 softmax statistics in fp32, then O += P V by wgmma with P
 from registers. A shared "schedule" barrier staggers the two consumers so one's softmax overlaps the
 other's matmuls. Partial tiles apply the element mask from the schedule's per-row key intervals
-(`starts/ends [R, Lq]`: R compare-and-selects against a column iota); full tiles run no mask code.
-`MosaicConfig(persistent_ctas=N)` launches N CTAs instead, each taking every N-th work item in turn, the ring's
-slots counted on across items (`_forward_items`).
+(`starts/ends [R, Lq]`: R compare-and-selects against a column iota, or where no two of a row's intervals share
+a key tile, as in teacher forcing, one range a row: `_mask_tile`); full tiles run no mask code.
+Where a query tile computes few key tiles, `MosaicConfig.persistent_ctas` launches one CTA per SM instead, each
+taking work items in turn, the ring's slots counted on across items (`_forward_items`).
 
 Numerics match `kernels.forward`: masked logits are -inf, the running max starts at the finite
 `MASK_VALUE` (so a row with nothing allowed yet keeps p = 0, never NaN), fully masked rows give o = 0 and
@@ -45,7 +46,10 @@ from pallas_kernels.mask import KeyIntervals, Mask, TileSchedule, runtime_schedu
 MAX_INTERVALS = 4  # per-row key intervals held in registers (video masks need <= 3)
 HEAVIEST_FIRST = True  # hand out tiles by decreasing work (`TileSchedule.kv_order`); False: in index order
 SINGLE_RUN = True  # partial tiles of `TileSchedule.single_run` masks: one range a row (`_mask_tile`); False: R
-STORE_WAIT_READ = True  # a kernel's last output stores: wait until TMA has read shared memory (False: until written)
+# compare-and-select pairs. Forward, dq and JVP only: in the dk/dv kernel the per-query vectors hold 16 values a
+# thread, not 2, and finding the range cost more than it saved (3.3-3.5% slower on an H100, RESULTS.md).
+PERSISTENT_BELOW = 64  # MosaicConfig(persistent_ctas=None): persistent CTAs when a query tile computes fewer key
+# tiles than this on average (an H100: +3.6-5.4% at 15,600-18,720 masked tokens, -20% at 65,520, RESULTS.md)
 ROWS_PER_WG = 64  # one wgmma M tile per consumer warpgroup
 COMPUTE_WGS = 2
 SMS = 132  # streaming multiprocessors of an H100 / H200: the dk/dv kernel splits its query walk below 4 CTAs each
@@ -55,12 +59,13 @@ SMS = 132  # streaming multiprocessors of an H100 / H200: the dk/dv kernel split
 class MosaicConfig:
   """block_k: key tile (a multiple of 64); stages: K/V shared-memory ring depth (>= 2).
   persistent_ctas: 0 launches one CTA per (head, query tile, batch); N > 0 launches N CTAs (an H100 has 132
-  SMs) that each take every N-th of those work items in the heaviest-first order, and whose producer runs on
-  into the next item's K/V while the consumers finish the last one (its epilogue, the next Q load). Meant for
-  masks whose rows see few key tiles, where each CTA's fixed costs weigh; off until a GPU run shows a gain."""
+  SMs) that take those work items in rounds of N, in the heaviest-first order and a snake (`_forward_items`),
+  and whose producer runs on into the next item's K/V while the consumers finish the last one (its epilogue,
+  the next Q load). None (the default) picks `SMS` where a query tile computes fewer than `PERSISTENT_BELOW`
+  key tiles on average, so that each CTA's fixed costs weigh, else 0 (and 0 for run-time masks)."""
   block_k: int = 128
   stages: int = 2
-  persistent_ctas: int = 0
+  persistent_ctas: int | None = None
 
   @property
   def block_q(self) -> int:
@@ -87,6 +92,16 @@ def unsupported_reason(dtype, head_dim: int, mask: Mask, lq: int, lk: int,
   if sched.mask_arrays[0].shape[0] > MAX_INTERVALS:
     return f"{sched.mask_arrays[0].shape[0]} key intervals per row (at most {MAX_INTERVALS})"
   return None
+
+
+def _persistent_ctas(cfg: MosaicConfig, mask, lq_m: int, lk_m: int) -> int:
+  """cfg.persistent_ctas, or where it is None the rule of `PERSISTENT_BELOW` on the mask's static schedule."""
+  if cfg.persistent_ctas is not None:
+    return cfg.persistent_ctas
+  if isinstance(mask, KeyIntervals):
+    return 0
+  sched = tile_schedule(mask, lq_m, lk_m, cfg.block_q, cfg.block_k)
+  return SMS if float(np.mean(sched.kv_partial + sched.kv_full)) < PERSISTENT_BELOW else 0
 
 
 def _schedule(mask: Mask, lq: int, lk: int, cfg: MosaicConfig) -> TileSchedule:
@@ -118,7 +133,7 @@ def _schedule_inputs(who: str, dtype, d: int, mask: Mask, lq: int, lk: int, lq_m
   lists = ((sched.kv_order, sched.kv_tiles, sched.kv_partial, sched.kv_full, sched.wq) if rowmajor else
            (sched.q_order, sched.q_tiles, sched.q_partial, sched.q_full, sched.wk))
   ins = [jnp.asarray(a) for a in (_order(lists[0]), *lists[1:4], np.concatenate([starts, ends], 0))]
-  return ins, starts.shape[0], lists[4], SINGLE_RUN and sched.single_run
+  return ins, starts.shape[0], lists[4], SINGLE_RUN and rowmajor and sched.single_run
 
 
 def _pad_len(x, length, interpret):
@@ -361,7 +376,7 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_re
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q0, bq), h])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q0, bq)])
-      plgpu.wait_smem_to_gmem(0, wait_read_only=STORE_WAIT_READ)   # (also: the next item's Q may overwrite qo_smem)
+      plgpu.wait_smem_to_gmem(0)   # (also: the next item's Q load may overwrite qo_smem)
       return g + n
 
     _over_items(count, one_item)
@@ -431,10 +446,11 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
   num_tiles = lq_m // cfg.block_q
   kernel = functools.partial(_kernel, plgpu=plgpu, pl=pl, scale2=sm_scale * LOG2E, width=width,
                              block_k=cfg.block_k, stages=stages, group=h // hkv, n_iv=n_iv,
-                             regs=interpret is None, persistent_ctas=cfg.persistent_ctas, num_tiles=num_tiles,
+                             regs=interpret is None, num_tiles=num_tiles,
                              single_run=single_run)
-  if cfg.persistent_ctas:
-    grid, names = (min(cfg.persistent_ctas, h * num_tiles * b),), ("cta",)
+  persistent_ctas = _persistent_ctas(cfg, mask, lq_m, lk_m)
+  if persistent_ctas:
+    grid, names = (min(persistent_ctas, h * num_tiles * b),), ("cta",)
     kernel = functools.partial(kernel, persistent_ctas=grid[0])
   else:
     grid, names = (h, num_tiles, b), ("heads", "q_seq", "batch")
@@ -577,7 +593,7 @@ def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref,
     q_smem[...] = (dq * scale).astype(dtype)  # the last wgmma reading q_smem has completed
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
-    plgpu.wait_smem_to_gmem(0, wait_read_only=STORE_WAIT_READ)
+    plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == COMPUTE_WGS)
   def _producer():
@@ -699,7 +715,7 @@ def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_re
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[out_rows])
       plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[out_rows])
-    plgpu.wait_smem_to_gmem(0, wait_read_only=STORE_WAIT_READ)
+    plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == COMPUTE_WGS)
   def _producer():
@@ -919,7 +935,7 @@ def _jvp_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, o_ref.at[rows])
     plgpu.copy_smem_to_gmem(tq_smem, to_ref.at[rows])
-    plgpu.wait_smem_to_gmem(0, wait_read_only=STORE_WAIT_READ)
+    plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == COMPUTE_WGS)
   def _producer():

@@ -461,7 +461,7 @@ def test_mosaic_forward_in_gpu_interpreter():
 
 
 def test_mosaic_persistent_forward_in_gpu_interpreter():
-  """persistent_ctas: 3 CTAs take the 16 work items (2 batch x 2 heads x 4 query tiles) in turn, 6/5/5 each,
+  """persistent_ctas: 3 CTAs take the 16 work items (2 batch x 2 heads x 4 query tiles) in a snake, 5/5/6 each,
   one tile's rows allowing nothing (an item with no key tile); the ring's slots carry on across items. The same
   o and lse as one CTA per item, bit for bit, and the float64 reference's o."""
   plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
@@ -482,6 +482,22 @@ def test_mosaic_persistent_forward_in_gpu_interpreter():
   ref, run = _ref64(mask, sm_scale=0.125)
   assert _rel(o, run(ref, q, k, v)) < TOL[jnp.bfloat16]
   assert np.all(np.asarray(o)[:, :e] == 0)
+
+
+def test_mosaic_persistent_ctas_rule():
+  """persistent_ctas=None: one CTA per SM where a query tile computes fewer than PERSISTENT_BELOW key tiles on
+  average (teacher forcing at 15,600 tokens: 38), one per work item where more (65,520 tokens: 136, dense), and
+  for run-time masks; an explicit count stands."""
+  from pallas_kernels.mask import KeyIntervals  # noqa: PLC0415
+  cfg, pad = mosaic.MosaicConfig(), lambda n: -(-n // 128) * 128
+  rule = lambda mask: mosaic._persistent_ctas(cfg, mask, pad(mask.shape[0]), pad(mask.shape[1]))
+  short = video.teacher_forcing(5, 1560, first_chunk_frames=1, chunk_frames=1)
+  assert rule(short) == mosaic.SMS
+  assert rule(video.teacher_forcing(21, 1560, first_chunk_frames=1, chunk_frames=1)) == 0
+  assert rule(Mask.full(15600, 15600)) == 0 and rule(Mask.full(4096, 4096)) == mosaic.SMS
+  assert rule(KeyIntervals((1560, 4096), np.array([[0, 1000]], np.int32))) == 0
+  for n in (0, 7):
+    assert mosaic._persistent_ctas(mosaic.MosaicConfig(persistent_ctas=n), short, 15616, 15616) == n
 
 
 def test_mosaic_forward_reads_one_entry_of_a_kv_stack_in_gpu_interpreter():
