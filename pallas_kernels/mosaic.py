@@ -45,11 +45,11 @@ from pallas_kernels.mask import KeyIntervals, Mask, TileSchedule, runtime_schedu
 
 MAX_INTERVALS = 4  # per-row key intervals held in registers (video masks need <= 3)
 HEAVIEST_FIRST = True  # hand out tiles by decreasing work (`TileSchedule.kv_order`); False: in index order
-SINGLE_RUN = True  # partial tiles of `TileSchedule.single_run` masks: one range a row (`_mask_tile`); False: R
-# compare-and-select pairs. Forward, dq and JVP only: in the dk/dv kernel the per-query vectors hold 16 values a
-# thread, not 2, and finding the range cost more than it saved (3.3-3.5% slower on an H100, RESULTS.md).
+SINGLE_RUN = True  # the forward's partial tiles of `TileSchedule.single_run` masks: one range a row
+# (`_mask_tile`); False: R compare-and-select pairs. On an H100 the same was slower in the dq (3.4-4.1%), dk/dv
+# (3.3-3.5%) and JVP (0.5-1.5%) kernels, whose registers are fuller (benchmarks/RESULTS.md), so they keep R pairs.
 PERSISTENT_BELOW = 64  # MosaicConfig(persistent_ctas=None): persistent CTAs when a query tile computes fewer key
-# tiles than this on average (an H100: +3.6-5.4% at 15,600-18,720 masked tokens, -20% at 65,520, RESULTS.md)
+# tiles than this on average (an H100: 2.7-5.4% faster at 15,600-18,720 masked tokens, 20% slower at 65,520)
 ROWS_PER_WG = 64  # one wgmma M tile per consumer warpgroup
 COMPUTE_WGS = 2
 SMS = 132  # streaming multiprocessors of an H100 / H200: the dk/dv kernel splits its query walk below 4 CTAs each
@@ -115,7 +115,8 @@ def _order(heaviest_first):
 def _schedule_inputs(who: str, dtype, d: int, mask: Mask, lq: int, lk: int, lq_m: int, lk_m: int, block_q: int,
                      block_k: int, *, rowmajor: bool):
   """A kernel's schedule operands: ([launch order, tile list, partial counts, full counts, intervals [2R, Lq_m]
-  (starts, then ends)], R, list width, single_run (`_mask_tile`)), from the row lists (forward, dq, JVP) or the column lists (dk/dv).
+  (starts, then ends)], R, list width, single_run (the forward's `_mask_tile`)), from the row lists (forward, dq,
+  JVP) or the column lists (dk/dv).
   A ValueError names `who` where the mask is not an interval mask the kernels take. A `KeyIntervals` mask (row
   lists only) gets its lists built in the graph, every key tile wide, so one executable serves every such mask."""
   if isinstance(mask, KeyIntervals):
@@ -133,7 +134,7 @@ def _schedule_inputs(who: str, dtype, d: int, mask: Mask, lq: int, lk: int, lq_m
   lists = ((sched.kv_order, sched.kv_tiles, sched.kv_partial, sched.kv_full, sched.wq) if rowmajor else
            (sched.q_order, sched.q_tiles, sched.q_partial, sched.q_full, sched.wk))
   ins = [jnp.asarray(a) for a in (_order(lists[0]), *lists[1:4], np.concatenate([starts, ends], 0))]
-  return ins, starts.shape[0], lists[4], SINGLE_RUN and rowmajor and sched.single_run
+  return ins, starts.shape[0], lists[4], SINGLE_RUN and who == "forward" and sched.single_run
 
 
 def _pad_len(x, length, interpret):
@@ -164,23 +165,22 @@ def _keep_intervals(x, idx, ivs, fill, *, per_row):
   return out
 
 
-def _mask_tile(x, local, c0, ivs, fill, *, per_row, single_run):
-  """x masked to the allowed keys of one key tile: local is each element's key index within the tile (an iota
-  along the key axis), c0 the tile's first key, ivs the rows' intervals (`_keep_intervals`). single_run (the
-  schedule's `single_run`): at most one interval of a row touches any tile, so the row's keys in this tile are
-  one range [lo, hi), found on the row vectors; each element then costs 2 compares and 2 selects instead of an
-  add and 2 of each per interval."""
+def _mask_tile(s, cols, c0, ivs, fill, *, single_run):
+  """The forward's S [q, k] masked to the allowed keys of one key tile: cols is each element's key index within
+  the tile (a column iota), c0 the tile's first key, ivs the rows' intervals (`_keep_intervals`). single_run
+  (the schedule's `single_run`): at most one interval of a row touches any tile, so the row's keys in this tile
+  are one range [lo, hi), found on the row vectors; each element then costs 2 compares and 2 selects instead of
+  an add and 2 of each per interval (the forward 0.6-5.2% faster at 15,600-18,720 masked tokens on an H100)."""
   if not single_run:
-    return _keep_intervals(x, local + c0, ivs, fill, per_row=per_row)
-  size = x.shape[1 if per_row else 0]
+    return _keep_intervals(s, cols + c0, ivs, fill, per_row=True)
+  size = s.shape[1]
   lo = hi = None
   for st, en in ivs:
     a, b = jnp.maximum(st - c0, 0), jnp.minimum(en - c0, size)   # a < b iff the interval touches the tile
     lo = a if lo is None else jnp.where(a < b, a, lo)
     hi = b if hi is None else jnp.where(a < b, b, hi)
-  dim = [0] if per_row else [1]
-  t = jnp.where(local < lax.broadcast_in_dim(hi, x.shape, dim), x, fill)
-  return jnp.where(local >= lax.broadcast_in_dim(lo, x.shape, dim), t, fill)
+  t = jnp.where(cols < lax.broadcast_in_dim(hi, s.shape, [0]), s, fill)
+  return jnp.where(cols >= lax.broadcast_in_dim(lo, s.shape, [0]), t, fill)
 
 
 def _tile_list(npart_ref, nfull_ref, width, tile):
@@ -335,7 +335,7 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_re
         plgpu.barrier_arrive(k_free.at[slot])
         if masked:
           cols = plgpu.broadcasted_iota(jnp.int32, (bq, block_k), 1, layout=plgpu.Layout.WGMMA)
-          s = _mask_tile(s, cols, tiles_ref[base + j] * block_k, ivs, -jnp.inf, per_row=True, single_run=single_run)
+          s = _mask_tile(s, cols, tiles_ref[base + j] * block_k, ivs, -jnp.inf, single_run=single_run)
         m_new = jnp.maximum(m, s.max(axis=1) * scale2)
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -446,8 +446,7 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
   num_tiles = lq_m // cfg.block_q
   kernel = functools.partial(_kernel, plgpu=plgpu, pl=pl, scale2=sm_scale * LOG2E, width=width,
                              block_k=cfg.block_k, stages=stages, group=h // hkv, n_iv=n_iv,
-                             regs=interpret is None, num_tiles=num_tiles,
-                             single_run=single_run)
+                             regs=interpret is None, num_tiles=num_tiles, single_run=single_run)
   persistent_ctas = _persistent_ctas(cfg, mask, lq_m, lk_m)
   if persistent_ctas:
     grid, names = (min(persistent_ctas, h * num_tiles * b),), ("cta",)
@@ -533,7 +532,7 @@ def _mma(a_smem, b_smem, shape, *, plgpu, pl):
 
 def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                dq_ref, smem, bars, free_bars, sched_bar, *, plgpu, pl, scale, scale2, width, block_k, stages, group,
-               n_iv, regs, pingpong, single_run):
+               n_iv, regs, pingpong):
   q_smem2, do_smem2, lse_smem2, delta_smem2, iv_smem2, k_smem, v_smem, *ds_smem2 = smem
   k_bars, v_bars, in_bars = bars  # in_bars [5 * COMPUTE_WGS]: q, do, lse, delta, iv per consumer
   k_free, v_free = free_bars
@@ -580,7 +579,7 @@ def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref,
       p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse, s.shape, [0]))
       if masked:
         cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-        p = _mask_tile(p, cols, tiles_ref[base + j] * block_k, ivs, 0.0, per_row=True, single_run=single_run)
+        p = _keep_intervals(p, cols + tiles_ref[base + j] * block_k, ivs, 0.0, per_row=True)
       ds = (p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))).astype(dtype)
       dq, ds = handoff(dq, ds)
       dq = _mma_into(dq, ds, k_smem.at[slot], ds_smem2[0].at[wg] if ds_smem2 else None, regs=regs, **mm)
@@ -607,7 +606,7 @@ def _dq_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref,
 
 def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                  *refs, plgpu, pl, scale, scale2, width, block_q, stages, group, n_iv, regs, pingpong, splits,
-                 fused_dq, single_run):
+                 fused_dq):
   # fused_dq: dq_ref is the fp32 dQ accumulator (a Ref the kernel adds into), ds_smem2 the dS^T staging.
   # stage2 (fused_dq or splits > 1): an fp32 [COMPUTE_WGS, 64, D] staging tile for dQ products and fp32 dk/dv.
   dq_ref = refs[0] if fused_dq else None
@@ -675,10 +674,10 @@ def _dkdv_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_re
       lse = plgpu.load(lse_ring.at[slot], layout=col)
       pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse, st.shape, [1]))
       if masked:
-        keys = plgpu.broadcasted_iota(jnp.int32, st.shape, 0, layout=plgpu.Layout.WGMMA)
+        keys = plgpu.broadcasted_iota(jnp.int32, st.shape, 0, layout=plgpu.Layout.WGMMA) + k0
         ivs = [(plgpu.load(iv_ring.at[slot, r], layout=col), plgpu.load(iv_ring.at[slot, n_iv + r], layout=col))
                for r in range(n_iv)]
-        pt = _mask_tile(pt, keys, k0, ivs, 0.0, per_row=False, single_run=single_run)
+        pt = _keep_intervals(pt, keys, ivs, 0.0, per_row=False)
       dk, dv, pt = handoff(dk, dv, pt)
       if regs:  # dV += P^T dO and dP^T = V dO^T in one region: one wgmma wait for both
         def dv_dpt(refs):
@@ -746,7 +745,7 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
   lq_m = _round_up(lq, max(block, cfg.dkdv_block_q))
   lk_m = _round_up(lk, max(block, cfg.dq_block_k))
   sched = functools.partial(_schedule_inputs, "backward", q.dtype, d, mask, lq, lk, lq_m, lk_m)
-  kv_ins, kv_iv, kv_width, kv_single = sched(cfg.dkdv_block_q, block, rowmajor=False)
+  kv_ins, kv_iv, kv_width, _ = sched(cfg.dkdv_block_q, block, rowmajor=False)
   delta = jnp.pad(softmax_delta(o, do), ((0, 0), (0, 0), (0, lq_m - lq)))
   lse = jnp.pad(lse[:, :, :lq], ((0, 0), (0, 0), (0, lq_m - lq)), constant_values=BIG)
   qp, dop, kp, vp = (_pad_len(x, n, interpret)
@@ -764,7 +763,7 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
   if cfg.fused_dq and cfg.pingpong:
     raise ValueError("MosaicBwdConfig: fused_dq and pingpong do not go together; set one of them False.")
   if not cfg.fused_dq:   # dq (fused_dq: formed in the dk/dv kernel below)
-    dq_ins, n_iv, dq_width, dq_single = sched(block, cfg.dq_block_k, rowmajor=True)
+    dq_ins, n_iv, dq_width, _ = sched(block, cfg.dq_block_k, rowmajor=True)
     bk, st = cfg.dq_block_k, cfg.dq_stages
     scratch = [
         (tile(COMPUTE_WGS, ROWS_PER_WG, d), tile(COMPUTE_WGS, ROWS_PER_WG, d),
@@ -777,8 +776,7 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),   # the ping-pong's (unused when off)
     ]
     dq = plgpu.kernel(
-        functools.partial(_dq_kernel, width=dq_width, block_k=bk, stages=st, n_iv=n_iv, single_run=dq_single,
-                          **common),
+        functools.partial(_dq_kernel, width=dq_width, block_k=bk, stages=st, n_iv=n_iv, **common),
         out_type=jax.ShapeDtypeStruct((b, _out_len(lq, lq_m, interpret), h, d), q.dtype), scratch_types=scratch,
         grid=(h, lq_m // block, b), grid_names=("heads", "q_seq", "batch"), **launch,
     )(*dq_ins, qp, kp, vp, dop, lse, delta)
@@ -808,7 +806,7 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
     scratch.append((stage(),))
   dk, dv = plgpu.kernel(
       functools.partial(_dkdv_kernel, width=kv_width, block_q=bq, stages=st, n_iv=n_iv, splits=splits,
-                        fused_dq=cfg.fused_dq, single_run=kv_single, **common),
+                        fused_dq=cfg.fused_dq, **common),
       out_type=[jax.ShapeDtypeStruct((splits * b, _out_len(lk, lk_m, interpret), h, d),
                                      jnp.float32 if splits > 1 else q.dtype)] * 2,
       scratch_types=scratch,
@@ -842,7 +840,7 @@ class MosaicJvpConfig:
 
 def _jvp_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref,
                 o_ref, to_ref, smem, bars, free_bars, *, plgpu, pl, scale, scale2, width, block_k, stages, group, n_iv,
-                regs, has_tq, has_tk, has_tv, single_run):
+                regs, has_tq, has_tk, has_tv):
   q_smem2, tq_smem2, iv_smem2, k_ring, v_ring, tk_ring, tv_ring, *a_smem2 = smem
   k_bars, v_bars, tk_bars, tv_bars, in_bars = bars  # in_bars [3 * COMPUTE_WGS]: q, tq, iv per consumer
   (free,) = free_bars
@@ -894,7 +892,7 @@ def _jvp_kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, q_ref, k_ref
       s, ds = pl.run_scoped(logits, *([acc_shape] * (2 if has_ds else 1)))
       if masked:
         cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-        s = _mask_tile(s, cols, tiles_ref[base + j] * block_k, ivs, -jnp.inf, per_row=True, single_run=single_run)
+        s = _keep_intervals(s, cols + tiles_ref[base + j] * block_k, ivs, -jnp.inf, per_row=True)
       m_new = jnp.maximum(m, s.max(axis=1) * scale2)
       alpha = jnp.exp2(m - m_new)
       p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -960,8 +958,8 @@ def forward_jvp(q, k, v, tq, tk, tv, mask: Mask, *, sm_scale: float, cfg: Mosaic
   lk, hkv = k.shape[1], k.shape[2]
   block_q = COMPUTE_WGS * ROWS_PER_WG
   lq_m, lk_m = _round_up(lq, block_q), _round_up(lk, max(block_q, cfg.block_k))
-  ins, n_iv, width, single_run = _schedule_inputs("forward_jvp", q.dtype, d, mask, lq, lk, lq_m, lk_m, block_q,
-                                                  cfg.block_k, rowmajor=True)
+  ins, n_iv, width, _ = _schedule_inputs("forward_jvp", q.dtype, d, mask, lq, lk, lq_m, lk_m, block_q, cfg.block_k,
+                                         rowmajor=True)
   qp, kp, vp = (_pad_len(x, n, interpret) for x, n in ((q, lq_m), (k, lk_m), (v, lk_m)))
   # absent tangents are not read (static flags); a 1-row dummy fills their argument slot
   dummy = lambda x: jnp.zeros((1, 1, x.shape[2], d), q.dtype)
@@ -984,7 +982,7 @@ def forward_jvp(q, k, v, tq, tk, tv, mask: Mask, *, sm_scale: float, cfg: Mosaic
   kernel = functools.partial(
       _jvp_kernel, plgpu=plgpu, pl=pl, scale=sm_scale, scale2=sm_scale * LOG2E, width=width, block_k=bk,
       stages=st, group=h // hkv, n_iv=n_iv, regs=regs, has_tq=tq is not None, has_tk=tk is not None,
-      has_tv=tv is not None, single_run=single_run)
+      has_tv=tv is not None)
   o, to = plgpu.kernel(
       kernel, out_type=[jax.ShapeDtypeStruct((b, lq_m, h, d), q.dtype)] * 2, scratch_types=scratch,
       grid=(h, lq_m // block_q, b), grid_names=("heads", "q_seq", "batch"), num_threads=COMPUTE_WGS + 1,

@@ -580,10 +580,11 @@ def test_mosaic_backward_in_gpu_interpreter(pingpong, splits, fused, d):
 
 
 def test_mosaic_kernels_mask_single_run_tiles_in_gpu_interpreter(monkeypatch):
-  """A mask whose rows' intervals never share a key tile (`TileSchedule.single_run`, as in teacher forcing):
-  the kernels mask a partial tile by one range a row (`mosaic._mask_tile`). Forward, backward and JVP against
-  float64, with ranges that start and end inside tiles, two intervals a row, rows with nothing allowed, full
-  tiles beside partial ones, ragged lengths; the forward equal bit for bit to the general interval masking."""
+  """A mask whose rows' intervals never share a key tile (`TileSchedule.single_run`, as in teacher forcing): the
+  forward masks a partial tile by one range a row (`mosaic._mask_tile`; the backward and the JVP keep the
+  interval pairs). All three against float64, with ranges that start and end inside tiles, two intervals a row,
+  rows with nothing allowed, full tiles beside partial ones, ragged lengths; the forward equal bit for bit to the
+  general interval masking."""
   plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
   if not hasattr(plgpu, "InterpretGPUParams"):
     pytest.skip("this jax has no Mosaic GPU interpreter")
