@@ -8,6 +8,8 @@
   python benchmarks/attention.py --mosaic-bwd-tune   # the backward kernels alone: Mosaic configs vs Triton
                                                      # (with and without the consumers' ping-pong)
   python benchmarks/attention.py --mosaic-persistent-tune   # the forward: one CTA per tile vs persistent CTAs
+  python benchmarks/attention.py --paired-shares   # flash_attention: masked fwd+bwd share of dense, and rates
+                                                   # against cuDNN, in paired rounds
   python benchmarks/attention.py --mosaic-mask-tune   # masked share of dense in paired rounds; single-run
                                                       # tile masks and persistent CTAs against the code before
 
@@ -466,6 +468,34 @@ def mosaic_mask_tune(log, results, cases=("tf:5:1", "tf:6:3", "tf:21:1"), rounds
             + " / ".join(f"{rel(a, b):.1e}" for a, b in zip(jax.tree.leaves(fn(*args)), jax.tree.leaves(ref))))
 
 
+def paired_shares(log, results, rounds=12, reps=10):
+  """Issue 3's ratios through `flash_attention` (the backend `--backend` picks), each in paired rounds
+  (`_paired_rounds`): the forward+backward of a teacher-forcing case against dense attention of the same
+  length (tile rates, as `mosaic_mask_tune`), and the forward (and dense forward+backward) against cuDNN,
+  dense and in the streaming decode shapes."""
+  for case in ("tf:5:1", "tf:6:3"):
+    mask = _case_mask(case)
+    lq, lk = mask.shape
+    frac = tile_schedule(mask, -(-lq // 128) * 128, -(-lk // 128) * 128, 128, 128).computed_fraction()
+    flops = 3.5 * 4.0 * B * H * lq * lk * D
+    runs = [("dense", attn_fns("pallas", None)[1], flops), ("masked", attn_fns("pallas", mask)[1], flops * frac)]
+    times = _paired_rounds(log, f"fb {case} L={lq}", runs, tuple(inputs(lq, lk)[:3]), rounds, reps)
+    share = float(np.median(np.asarray(times["dense"]) / np.asarray(times["masked"]) * frac))
+    results.append(dict(label=f"paired fb {case}", mode="fb", share_of_dense=share))
+    log(f"{'fb ' + case:26s} masked tile rate / dense tile rate, median of rounds: {share:6.1%}")
+  for lq, lk, modes in ((4096, 4096, ("fwd", "fb")), (16384, 16384, ("fwd", "fb")), (1560, 16380, ("fwd",)),
+                        (1560, 32760, ("fwd",)), (4680, 16380, ("fwd",))):
+    args = tuple(inputs(lq, lk)[:3])
+    for mode in modes:
+      i, mult = (0, 1.0) if mode == "fwd" else (1, 3.5)
+      flops = mult * 4.0 * B * H * lq * lk * D
+      runs = [("pallas", attn_fns("pallas", None)[i], flops), ("cudnn", attn_fns("cudnn", None)[i], flops)]
+      times = _paired_rounds(log, f"{mode} {lq}x{lk}", runs, args, rounds, reps)
+      ratio = float(np.median(np.asarray(times["cudnn"]) / np.asarray(times["pallas"])))
+      results.append(dict(label=f"paired {mode} {lq}x{lk}", mode=mode, rate_vs_cudnn=ratio))
+      log(f"{mode + ' ' + str(lq) + 'x' + str(lk):26s} rate / cuDNN's, median of rounds: {ratio:.3f}x")
+
+
 def mosaic_order_ab(log, results, cases=("tf:5:1", "tf:6:3", "tf:21:3", "dense:16384")):
   """The Mosaic kernels (fwd, fwd+bwd, fwd+JVP) with tiles handed out in index order and heaviest first
   (`mosaic.HEAVIEST_FIRST`), one after the other in the same process."""
@@ -560,6 +590,8 @@ def main():
                        "CTAs against the code before them, in paired rounds")
   ap.add_argument("--mask-cases", default="tf:5:1,tf:6:3,tf:21:1")
   ap.add_argument("--mask-rounds", type=int, default=12)
+  ap.add_argument("--paired-shares", action="store_true",
+                  help="masked fwd+bwd share of dense and the rates against cuDNN, in paired rounds")
   ap.add_argument("--mosaic-persistent-tune", action="store_true",
                   help="time the Mosaic forward with one CTA per work item and with persistent CTAs")
   ap.add_argument("--check-only", default="", help="comma-separated substrings of the --check case names to run")
@@ -585,7 +617,7 @@ def main():
     ok = check(log, scm=not args.skip_scm, only=[c for c in args.check_only.split(",") if c],
                jvp=not args.check_no_jvp)
   if (args.bench or args.tune or args.tune2 or args.mosaic_tune or args.mosaic_bwd_tune or args.mosaic_jvp_tune
-      or args.mosaic_order or args.mosaic_persistent_tune or args.mosaic_mask_tune):
+      or args.mosaic_order or args.mosaic_persistent_tune or args.mosaic_mask_tune or args.paired_shares):
     matmul_peak(log)
   if args.mosaic_tune:
     mosaic_tune(log, results)
@@ -593,6 +625,8 @@ def main():
     mosaic_bwd_tune(log, results, cases=args.bwd_cases.split(","))
   if args.mosaic_persistent_tune:
     mosaic_persistent_tune(log, results)
+  if args.paired_shares:
+    paired_shares(log, results, rounds=args.mask_rounds)
   if args.mosaic_mask_tune:
     mosaic_mask_tune(log, results, cases=args.mask_cases.split(","), rounds=args.mask_rounds)
   if args.mosaic_jvp_tune:
