@@ -108,6 +108,7 @@ def check(log, scm=True, only=None, jvp=True):
       ("dense D=64 L=2048", None, 2048, 2048, 2, 2, jnp.bfloat16),
       ("empty rows + 2 intervals", Mask.from_ranges(700, 900, [(100, 700, 0, 130), (100, 400, 300, 650),
                                                                 (400, 700, 500, 900)]), 700, 900, 2, 1, jnp.bfloat16),
+      ("decode split-KV 1560 x 16380", None, 1560, 16380, 2, 1, jnp.bfloat16),   # 26 items: kv_splits 5
       # (the cases above mask a partial tile by one range a row; here two intervals share key tiles)
       ("2 intervals in one tile", Mask.from_ranges(700, 900, [(100, 700, 0, 70), (100, 400, 100, 190),
                                                               (400, 700, 150, 900)]), 700, 900, 2, 1, jnp.bfloat16),

@@ -62,10 +62,14 @@ class MosaicConfig:
   SMs) that take those work items in rounds of N, in the heaviest-first order and a snake (`_forward_items`),
   and whose producer runs on into the next item's K/V while the consumers finish the last one (its epilogue,
   the next Q load). None (the default) picks `SMS` where a query tile computes fewer than `PERSISTENT_BELOW`
-  key tiles on average, so that each CTA's fixed costs weigh, else 0 (and 0 for run-time masks)."""
+  key tiles on average, so that each CTA's fixed costs weigh, else 0 (and 0 for run-time masks).
+  kv_splits: S > 1 CTAs share each work item of the one-CTA-per-item launch, each walking a part of its key
+  tiles into a partial o and lse2, combined after the kernel (split-KV, for grids of fewer than two waves, such
+  as one streamed chunk's queries against the KV cache). None (the default) picks S by `_kv_splits`."""
   block_k: int = 128
   stages: int = 2
   persistent_ctas: int | None = None
+  kv_splits: int | None = None
 
   @property
   def block_q(self) -> int:
@@ -102,6 +106,37 @@ def _persistent_ctas(cfg: MosaicConfig, mask, lq_m: int, lk_m: int) -> int:
     return 0
   sched = tile_schedule(mask, lq_m, lk_m, cfg.block_q, cfg.block_k)
   return SMS if float(np.mean(sched.kv_partial + sched.kv_full)) < PERSISTENT_BELOW else 0
+
+
+def _kv_splits(cfg: MosaicConfig, mask, lq_m: int, lk_m: int, items: int, persistent: int) -> int:
+  """cfg.kv_splits, or where it is None: 1 for persistent CTAs, run-time masks and grids of two waves or more
+  (`items` work items on `SMS` SMs); else the S <= 8 whose last wave is fullest, keeping >= 16 key tiles a part,
+  where that fills the waves >= 10% better than S = 1. 156 items (12 heads x 13 query tiles of one 1,560-token
+  chunk) on 132 SMs leave a second wave of 24 CTAs; S = 5 gives 6 waves of 130."""
+  if cfg.kv_splits is not None:
+    return cfg.kv_splits
+  if persistent or isinstance(mask, KeyIntervals) or items >= 2 * SMS:
+    return 1
+  sched = tile_schedule(mask, lq_m, lk_m, cfg.block_q, cfg.block_k)
+  tiles = float(np.mean(sched.kv_partial + sched.kv_full))
+  fill = lambda s: items * s / (SMS * -(-items * s // SMS))
+  best = max((s for s in range(1, 9) if s == 1 or tiles / s >= 16), key=lambda s: (round(fill(s), 6), -s))
+  return best if fill(best) >= 1.1 * fill(1) else 1
+
+
+def _combine_parts(o, lse, splits: int):
+  """Partial (o [S * B, Lq, H, D], lse2 [S * B, H, Lq]) of S key-tile parts -> (o [B, Lq, H, D], lse2), in fp32.
+  A part that saw no allowed key of a row has lse2 = BIG there and weight 0; a row no part saw gets o = 0 and
+  lse2 = BIG, as from one CTA."""
+  o = o.reshape(splits, -1, *o.shape[1:]).astype(jnp.float32)        # [S, B, Lq, H, D]
+  lse = lse.reshape(splits, -1, *lse.shape[1:])                       # [S, B, H, Lq]
+  valid = lse < BIG / 2
+  m = jnp.max(jnp.where(valid, lse, -jnp.inf), axis=0)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  w = jnp.where(valid, jnp.exp2(lse - m), 0.0)                        # [S, B, H, Lq]
+  total = w.sum(0)
+  w_o = jnp.swapaxes(w / jnp.maximum(total, 1e-30), 2, 3)[..., None]   # [S, B, Lq, H, 1]
+  return (w_o * o).sum(0), jnp.where(total > 0, m + jnp.log2(jnp.maximum(total, 1e-30)), BIG)
 
 
 def _schedule(mask: Mask, lq: int, lk: int, cfg: MosaicConfig) -> TileSchedule:
@@ -243,23 +278,27 @@ def _pingpong(plgpu, pl, sched_bar, wg, on: bool):
   return sync, handoff, (lambda: pl.when(wg == 1)(sync)), (lambda: pl.when(wg == 0)(sync))
 
 
-def _forward_items(order_ref, npart_ref, nfull_ref, width, persistent_ctas, num_heads, num_tiles, batch):
+def _forward_items(order_ref, npart_ref, nfull_ref, width, persistent_ctas, num_heads, num_tiles, batch,
+                   splits=1):
   """(count, item): this CTA's work items, item(i) -> (batch, head, tile, offset of the tile's list, partial and
-  total tile counts). One item from the grid position, or (persistent) one item of each round of N in the
+  total tile counts, output batch row). One item from the grid position (splits > 1: a part of its key tiles,
+  written to output row part * batch + b), or (persistent) one item of each round of N in the
   launch order (heads fastest, then query tiles heaviest first, then batch, as the grid launches them), in a
   snake: round i gives CTA c item i N + c for even i and i N + N - 1 - c for odd i, so the CTA that takes the
   heaviest item of one round takes the lightest of the next (round-robin would give CTA 0 the heaviest of
   every round)."""
   if not persistent_ctas:
-    b, h, tile, _, base, n_p, n = _program(order_ref, npart_ref, nfull_ref, width, "q_seq")
-    return 1, lambda i: (b, h, tile, base, n_p, n)
+    b, h, tile, _, base, n_p, n = _program(order_ref, npart_ref, nfull_ref, width, "q_seq", splits)
+    out_b = b if splits == 1 else lax.rem(lax.axis_index("q_seq"), splits) * batch + b
+    return 1, lambda i: (b, h, tile, base, n_p, n, out_b)
   cta, total, n_ctas = lax.axis_index("cta"), num_heads * num_tiles * batch, persistent_ctas
 
   def item(i):
     t = i * n_ctas + jnp.where(lax.rem(i, 2) == 0, cta, n_ctas - 1 - cta)
     h, rest = lax.rem(t, num_heads), lax.div(t, num_heads)
     tile = order_ref[lax.rem(rest, num_tiles)]
-    return (lax.div(rest, num_tiles), h, tile, *_tile_list(npart_ref, nfull_ref, width, tile))
+    b = lax.div(rest, num_tiles)
+    return (b, h, tile, *_tile_list(npart_ref, nfull_ref, width, tile), b)
 
   rounds, left = divmod(total, n_ctas)   # the last round (odd: from the back) has `left` items
   in_last = cta < left if rounds % 2 == 0 else cta >= n_ctas - left
@@ -276,7 +315,7 @@ def _over_items(count, item_fn):
 
 def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
             smem, bars, free_bars, sched_bar, *, plgpu, pl, scale2, width, block_k, stages, group, n_iv,
-            regs=True, persistent_ctas=0, num_tiles=0, single_run=False):
+            regs=True, persistent_ctas=0, num_tiles=0, single_run=False, splits=1):
   """One CTA: 2 consumer warpgroups x 64 query rows, 1 producer warpgroup (see module docstring); one work item
   (head, query tile, batch), or several in turn (persistent_ctas, `_forward_items`).
 
@@ -290,7 +329,7 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_re
   dtype = q_ref.dtype
   wg = lax.axis_index("wg")
   count, item = _forward_items(order_ref, npart_ref, nfull_ref, width, persistent_ctas, q_ref.shape[2], num_tiles,
-                               q_ref.shape[0] if persistent_ctas else 0)
+                               q_ref.shape[0], splits)
 
   sched_sync, _, start, end = _pingpong(plgpu, pl, sched_bar, wg, True)
 
@@ -302,7 +341,7 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_re
     lse_smem = lse_smem2.at[wg]
 
     def one_item(i, g):
-      b, h, qi, base, n_p, n = item(i)
+      b, h, qi, base, n_p, n, out_b = item(i)
       q0 = qi * (COMPUTE_WGS * bq) + wg * bq
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], qo_smem, q_bars.at[wg])
       plgpu.copy_gmem_to_smem(iv_ref.at[:, pl.ds(q0, bq)], iv_smem2.at[wg], iv_bars.at[wg])
@@ -374,8 +413,8 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_re
       qo_smem[...] = acc.astype(dtype)
       lse_smem[...] = jnp.where(l > 0.0, m + jnp.log(l_safe) * LOG2E, BIG)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q0, bq), h])
-      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q0, bq)])
+      plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[out_b, pl.ds(q0, bq), h])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[out_b, h, pl.ds(q0, bq)])
       plgpu.wait_smem_to_gmem(0)   # (also: the next item's Q load may overwrite qo_smem)
       return g + n
 
@@ -387,7 +426,7 @@ def _kernel(order_ref, tiles_ref, npart_ref, nfull_ref, iv_ref, kv_row_ref, q_re
       plgpu.set_max_registers(40, action="decrease")
 
     def one_item(i, g):
-      b, h, _, base, _, n = item(i)
+      b, h, _, base, _, n, _ = item(i)
       kv_head = lax.div(h, jnp.array(group, h.dtype))
       kv_b = b + kv_row_ref[0]   # k/v row of this batch entry: b, or index * B into a stack (`forward(kv_index=)`)
       rows = lambda j: (kv_b, pl.ds(tiles_ref[base + j] * block_k, block_k), kv_head)
@@ -448,15 +487,21 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
                              block_k=cfg.block_k, stages=stages, group=h // hkv, n_iv=n_iv,
                              regs=interpret is None, num_tiles=num_tiles, single_run=single_run)
   persistent_ctas = _persistent_ctas(cfg, mask, lq_m, lk_m)
+  splits = _kv_splits(cfg, mask, lq_m, lk_m, h * num_tiles * b, persistent_ctas)
+  if persistent_ctas and splits > 1:
+    raise ValueError(f"MosaicConfig: persistent_ctas={persistent_ctas} and kv_splits={splits} do not go together; "
+                     "set one of them to 0 / 1 (or None).")
   if persistent_ctas:
     grid, names = (min(persistent_ctas, h * num_tiles * b),), ("cta",)
     kernel = functools.partial(kernel, persistent_ctas=grid[0])
   else:
-    grid, names = (h, num_tiles, b), ("heads", "q_seq", "batch")
+    grid, names = (h, num_tiles * splits, b), ("heads", "q_seq", "batch")
+    kernel = functools.partial(kernel, splits=splits)
   o, lse = plgpu.kernel(
       kernel,
-      out_type=[jax.ShapeDtypeStruct((b, _out_len(lq, lq_m, interpret) if unpadded_o else lq_m, h, d), q.dtype),
-                jax.ShapeDtypeStruct((b, h, lq_m), jnp.float32)],
+      out_type=[jax.ShapeDtypeStruct((splits * b, _out_len(lq, lq_m, interpret) if unpadded_o else lq_m, h, d),
+                                     q.dtype),
+                jax.ShapeDtypeStruct((splits * b, h, lq_m), jnp.float32)],
       scratch_types=scratch,
       grid=grid,
       grid_names=names,
@@ -465,6 +510,9 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
       compiler_params=plgpu.CompilerParams(approx_math=True),
       **({} if interpret is None else dict(interpret=interpret)),
   )(*ins, kv_row, qp, kp, vp)
+  if splits > 1:
+    o, lse = _combine_parts(o, lse, splits)
+    o = o.astype(q.dtype)
   return o[:, :lq], lse[:, :, :lq]
 
 

@@ -409,10 +409,11 @@ def test_mosaic_forward_jvp_lowers_for_hopper(present):
   assert o.shape == to.shape == q.shape and o.dtype == to.dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("d,heads,ctas", [(128, (4, 2), 0), (64, (2, 2), 0), (128, (4, 2), 132)])
-def test_mosaic_forward_lowers_for_hopper(d, heads, ctas):
+@pytest.mark.parametrize("d,heads,ctas,splits", [(128, (4, 2), 0, 1), (64, (2, 2), 0, 1), (128, (4, 2), 132, 1),
+                                                 (128, (4, 2), 0, 3)])
+def test_mosaic_forward_lowers_for_hopper(d, heads, ctas, splits):
   mask, lq, q, kv = _lowering_case(d, heads)
-  cfg = mosaic.MosaicConfig(persistent_ctas=ctas)
+  cfg = mosaic.MosaicConfig(persistent_ctas=ctas, kv_splits=splits)
   fn = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, mask, sm_scale=d ** -0.5, cfg=cfg))
   text = fn.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
@@ -482,6 +483,50 @@ def test_mosaic_persistent_forward_in_gpu_interpreter():
   ref, run = _ref64(mask, sm_scale=0.125)
   assert _rel(o, run(ref, q, k, v)) < TOL[jnp.bfloat16]
   assert np.all(np.asarray(o)[:, :e] == 0)
+
+
+def test_mosaic_split_kv_forward_in_gpu_interpreter():
+  """kv_splits=3: three CTAs share each query tile's key tiles (parts cut inside the partial tiles and inside the
+  full ones, a part with no tile, rows that a part sees nothing of, rows nothing allows); their partial o and
+  lse2 combined after the kernel meet one CTA per tile and the float64 reference (o and lse2)."""
+  plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  if not hasattr(plgpu, "InterpretGPUParams"):
+    pytest.skip("this jax has no Mosaic GPU interpreter")
+  rng = np.random.default_rng()
+  lq, lk = int(rng.integers(250, 300)), int(rng.integers(520, 640))
+  e = int(rng.integers(130, 150))   # rows [0, e): nothing allowed
+  mask = Mask.from_ranges(lq, lk, [(e, lq, 0, int(rng.integers(40, 120))), (e, lq, 300, lk),
+                                   (lq // 2, lq, 150, 250)])
+  q, k, v = _inputs(rng, 2, lq, lk, 2, 1, 64, jnp.bfloat16)
+  interp = plgpu.InterpretGPUParams()
+  cfg = lambda s: mosaic.MosaicConfig(persistent_ctas=0, kv_splits=s)
+  o, lse = mosaic.forward(q, k, v, mask, sm_scale=0.125, interpret=interp, cfg=cfg(3))
+  o1, lse1 = mosaic.forward(q, k, v, mask, sm_scale=0.125, interpret=interp, cfg=cfg(1))
+  ref, run = _ref64(mask, sm_scale=0.125)
+  assert _rel(o, run(ref, q, k, v)) < TOL[jnp.bfloat16] and _rel(o, o1) < 1e-2
+  np.testing.assert_allclose(np.asarray(lse)[:, :, e:], np.asarray(lse1)[:, :, e:], rtol=1e-5, atol=1e-4)
+  assert np.all(np.asarray(o)[:, :e] == 0) and np.all(np.asarray(lse)[:, :, :e] >= 1e29)
+  with pytest.raises(ValueError, match="persistent_ctas"):
+    mosaic.forward(q, k, v, mask, sm_scale=0.125, interpret=interp,
+                   cfg=mosaic.MosaicConfig(persistent_ctas=4, kv_splits=2))
+
+
+def test_mosaic_kv_splits_rule():
+  """kv_splits=None: split-KV only where one CTA per item leaves fewer than two waves on the SMs and a fuller last
+  wave is to be had, with >= 16 key tiles a part: one 1,560-token chunk against a 16,380-key cache (156 items)
+  takes 5 parts; long sequences, persistent launches and run-time masks take none."""
+  from pallas_kernels.mask import KeyIntervals  # noqa: PLC0415
+  cfg, pad = mosaic.MosaicConfig(), lambda n: -(-n // 128) * 128
+  rule = lambda mask, items, persistent=0: mosaic._kv_splits(cfg, mask, pad(mask.shape[0]), pad(mask.shape[1]),
+                                                             items, persistent)
+  decode = Mask.full(1560, 16380)
+  assert rule(decode, 12 * 13) == 5
+  assert rule(Mask.full(1560, 1024), 12 * 13) == 1            # 8 key tiles: no part would keep 16
+  assert rule(decode, 12 * 13, persistent=132) == 1
+  assert rule(Mask.full(4680, 16380), 12 * 37) == 1           # 444 items: more than two waves
+  assert rule(video.teacher_forcing(21, 1560, first_chunk_frames=1, chunk_frames=1), 12 * 512) == 1
+  assert rule(KeyIntervals((1560, 16384), np.array([[0, 16000]], np.int32)), 12 * 13) == 1
+  assert mosaic._kv_splits(mosaic.MosaicConfig(kv_splits=3), decode, 1664, 16384, 156, 0) == 3
 
 
 def test_mosaic_persistent_ctas_rule():
