@@ -125,11 +125,12 @@ def _kv_splits(cfg: MosaicConfig, mask, lq_m: int, lk_m: int, items: int, persis
 
 
 def _combine_parts(o, lse, splits: int):
-  """Partial (o [S * B, Lq, H, D], lse2 [S * B, H, Lq]) of S key-tile parts -> (o [B, Lq, H, D], lse2), in fp32.
+  """Partial (o [S * B, Lq, H, D], lse2 [S * B, H, >= Lq]) of S key-tile parts -> (o [B, Lq, H, D], lse2
+  [B, H, Lq]), in fp32.
   A part that saw no allowed key of a row has lse2 = BIG there and weight 0; a row no part saw gets o = 0 and
   lse2 = BIG, as from one CTA."""
   o = o.reshape(splits, -1, *o.shape[1:]).astype(jnp.float32)        # [S, B, Lq, H, D]
-  lse = lse.reshape(splits, -1, *lse.shape[1:])                       # [S, B, H, Lq]
+  lse = lse.reshape(splits, -1, *lse.shape[1:])[..., :o.shape[2]]     # [S, B, H, Lq] (o may be unpadded)
   valid = lse < BIG / 2
   m = jnp.max(jnp.where(valid, lse, -jnp.inf), axis=0)
   m = jnp.where(jnp.isfinite(m), m, 0.0)

@@ -496,7 +496,7 @@ def test_mosaic_split_kv_forward_in_gpu_interpreter():
   lq, lk = int(rng.integers(250, 300)), int(rng.integers(520, 640))
   e = int(rng.integers(130, 150))   # rows [0, e): nothing allowed
   mask = Mask.from_ranges(lq, lk, [(e, lq, 0, int(rng.integers(40, 120))), (e, lq, 300, lk),
-                                   (lq // 2, lq, 150, 250)])
+                                   (max(e, lq // 2), lq, 150, 250)])
   q, k, v = _inputs(rng, 2, lq, lk, 2, 1, 64, jnp.bfloat16)
   interp = plgpu.InterpretGPUParams()
   cfg = lambda s: mosaic.MosaicConfig(persistent_ctas=0, kv_splits=s)
@@ -509,6 +509,28 @@ def test_mosaic_split_kv_forward_in_gpu_interpreter():
   with pytest.raises(ValueError, match="persistent_ctas"):
     mosaic.forward(q, k, v, mask, sm_scale=0.125, interpret=interp,
                    cfg=mosaic.MosaicConfig(persistent_ctas=4, kv_splits=2))
+
+
+def test_mosaic_combine_parts_against_float64():
+  """Split-KV's combine: o = sum_i 2^(lse_i - lse) o_i, lse = log2 sum_i 2^lse_i over the parts that saw a key
+  of the row (lse_i = BIG marks the others); a row no part saw gives o = 0, lse = BIG. The kernel's o may have
+  fewer rows than its lse (unpadded o on the GPU)."""
+  from pallas_kernels.kernels import BIG  # noqa: PLC0415
+  rng = np.random.default_rng()
+  s, b, lq, h, d = 3, 2, int(rng.integers(5, 12)), 2, 8
+  o = rng.standard_normal((s * b, lq, h, d))
+  lse = rng.standard_normal((s * b, h, 16)) * 4
+  lse[rng.random(lse.shape) < 0.3] = BIG
+  lse[:, 0, 1] = BIG                                   # row 1 of head 0: no part saw a key
+  got_o, got_lse = mosaic._combine_parts(jnp.asarray(o, jnp.float32), jnp.asarray(lse, jnp.float32), s)
+  o5, l5 = o.reshape(s, b, lq, h, d), lse.reshape(s, b, h, 16)[..., :lq]
+  w = np.where(l5 < BIG / 2, np.exp2(np.minimum(l5, 1e3)), 0.0)   # [s, b, h, lq]
+  tot = w.sum(0)
+  want_lse = np.where(tot > 0, np.log2(np.maximum(tot, 1e-300)), BIG)
+  want_o = (np.swapaxes(w / np.maximum(tot, 1e-300), 2, 3)[..., None] * o5).sum(0)
+  np.testing.assert_allclose(np.asarray(got_o), want_o, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got_lse), want_lse, rtol=1e-6, atol=1e-5)
+  assert np.all(np.asarray(got_o)[:, 1, 0] == 0) and np.all(np.asarray(got_lse)[:, 0, 1] >= 1e29)
 
 
 def test_mosaic_kv_splits_rule():
