@@ -18,7 +18,10 @@ other's matmuls. Partial tiles apply the element mask from the schedule's per-ro
 (`starts/ends [R, Lq]`: R compare-and-selects against a column iota, or where no two of a row's intervals share
 a key tile, as in teacher forcing, one range a row: `_mask_tile`); full tiles run no mask code.
 Where a query tile computes few key tiles, `MosaicConfig.persistent_ctas` launches one CTA per SM instead, each
-taking work items in turn, the ring's slots counted on across items (`_forward_items`).
+taking work items in turn, the ring's slots counted on across items (`_forward_items`). Where one CTA per item
+fills fewer than two waves (a streamed chunk's queries against the KV cache), `MosaicConfig.kv_splits` has
+several CTAs share each item's key tiles (split-KV), their partial o and lse2 combined after the kernel
+(`_combine_parts`).
 
 Numerics match `kernels.forward`: masked logits are -inf, the running max starts at the finite
 `MASK_VALUE` (so a row with nothing allowed yet keeps p = 0, never NaN), fully masked rows give o = 0 and
