@@ -320,7 +320,6 @@ class RuntimeSchedule:
   (`runtime_schedule`): kv_tiles [nq * nk], kv_partial, kv_full [nq], kv_order [nq], wq = nk, mode "intervals",
   mask_arrays (starts, ends) [R, Lq_pad] (rows past Lq allow nothing). Every query tile has the same list."""
   mode = "intervals"
-  single_run = False   # two intervals may touch one key tile (the chunk's cache slots and its own rows)
 
   def __init__(self, kv_tiles, kv_partial, kv_full, kv_order, wq, mask_arrays):
     self.kv_tiles, self.kv_partial, self.kv_full, self.kv_order = kv_tiles, kv_partial, kv_full, kv_order

@@ -101,27 +101,28 @@ def unsupported_reason(dtype, head_dim: int, mask: Mask, lq: int, lk: int,
   return None
 
 
-def _persistent_ctas(cfg: MosaicConfig, mask, lq_m: int, lk_m: int) -> int:
-  """cfg.persistent_ctas, or where it is None the rule of `PERSISTENT_BELOW` on the mask's static schedule."""
+def _mean_key_tiles(sched: TileSchedule) -> float:
+  return float(np.mean(sched.kv_partial + sched.kv_full))
+
+
+def _persistent_ctas(cfg: MosaicConfig, sched: TileSchedule | None) -> int:
+  """cfg.persistent_ctas, or where it is None the rule of `PERSISTENT_BELOW` on the forward's static schedule
+  (None: a run-time mask, one CTA per item)."""
   if cfg.persistent_ctas is not None:
     return cfg.persistent_ctas
-  if isinstance(mask, KeyIntervals):
-    return 0
-  sched = tile_schedule(mask, lq_m, lk_m, cfg.block_q, cfg.block_k)
-  return SMS if float(np.mean(sched.kv_partial + sched.kv_full)) < PERSISTENT_BELOW else 0
+  return SMS if sched is not None and _mean_key_tiles(sched) < PERSISTENT_BELOW else 0
 
 
-def _kv_splits(cfg: MosaicConfig, mask, lq_m: int, lk_m: int, items: int, persistent: int) -> int:
+def _kv_splits(cfg: MosaicConfig, sched: TileSchedule | None, items: int, persistent: int) -> int:
   """cfg.kv_splits, or where it is None: 1 for persistent CTAs, run-time masks and grids of two waves or more
   (`items` work items on `SMS` SMs); else the S <= 8 whose last wave is fullest, keeping >= 16 key tiles a part,
   where that fills the waves >= 10% better than S = 1. 156 items (12 heads x 13 query tiles of one 1,560-token
   chunk) on 132 SMs leave a second wave of 24 CTAs; S = 5 gives 6 waves of 130."""
   if cfg.kv_splits is not None:
     return cfg.kv_splits
-  if persistent or isinstance(mask, KeyIntervals) or items >= 2 * SMS:
+  if persistent or sched is None or items >= 2 * SMS:
     return 1
-  sched = tile_schedule(mask, lq_m, lk_m, cfg.block_q, cfg.block_k)
-  tiles = float(np.mean(sched.kv_partial + sched.kv_full))
+  tiles = _mean_key_tiles(sched)
   fill = lambda s: items * s / (SMS * -(-items * s // SMS))
   best = max((s for s in range(1, 9) if s == 1 or tiles / s >= 16), key=lambda s: (round(fill(s), 6), -s))
   return best if fill(best) >= 1.1 * fill(1) else 1
@@ -154,8 +155,7 @@ def _order(heaviest_first):
 def _schedule_inputs(who: str, dtype, d: int, mask: Mask, lq: int, lk: int, lq_m: int, lk_m: int, block_q: int,
                      block_k: int, *, rowmajor: bool):
   """A kernel's schedule operands: ([launch order, tile list, partial counts, full counts, intervals [2R, Lq_m]
-  (starts, then ends)], R, list width, single_run (the forward's `_mask_tile`)), from the row lists (forward, dq,
-  JVP) or the column lists (dk/dv).
+  (starts, then ends)], R, list width), from the row lists (forward, dq, JVP) or the column lists (dk/dv).
   A ValueError names `who` where the mask is not an interval mask the kernels take. A `KeyIntervals` mask (row
   lists only) gets its lists built in the graph, every key tile wide, so one executable serves every such mask."""
   if isinstance(mask, KeyIntervals):
@@ -165,7 +165,7 @@ def _schedule_inputs(who: str, dtype, d: int, mask: Mask, lq: int, lk: int, lq_m
     rs = runtime_schedule(mask, lq_m, lk_m, block_q, block_k)
     starts, ends = rs.mask_arrays
     ins = [rs.kv_order, rs.kv_tiles, rs.kv_partial, rs.kv_full, jnp.concatenate([starts, ends], 0)]
-    return ins, starts.shape[0], rs.wq, rs.single_run
+    return ins, starts.shape[0], rs.wq
   sched = tile_schedule(mask, lq_m, lk_m, block_q, block_k)
   if sched.mode != "intervals" or sched.mask_arrays[0].shape[0] > MAX_INTERVALS:
     raise ValueError(f"mosaic.{who}: unsupported mask ({unsupported_reason(dtype, d, mask, lq, lk)}).")
@@ -173,7 +173,7 @@ def _schedule_inputs(who: str, dtype, d: int, mask: Mask, lq: int, lk: int, lq_m
   lists = ((sched.kv_order, sched.kv_tiles, sched.kv_partial, sched.kv_full, sched.wq) if rowmajor else
            (sched.q_order, sched.q_tiles, sched.q_partial, sched.q_full, sched.wk))
   ins = [jnp.asarray(a) for a in (_order(lists[0]), *lists[1:4], np.concatenate([starts, ends], 0))]
-  return ins, starts.shape[0], lists[4], SINGLE_RUN and who == "forward" and sched.single_run
+  return ins, starts.shape[0], lists[4]
 
 
 def _pad_len(x, length, interpret):
@@ -469,8 +469,11 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
     k, v = (x.reshape((-1,) + x.shape[2:]) for x in (k, v))   # [N * B, Lk, Hkv, D]: a free reshape
   lk, hkv = k.shape[1], k.shape[2]
   lq_m, lk_m = _round_up(lq, cfg.block_q), _round_up(lk, cfg.block_k)
-  ins, n_iv, width, single_run = _schedule_inputs("forward", q.dtype, d, mask, lq, lk, lq_m, lk_m, cfg.block_q,
-                                                  cfg.block_k, rowmajor=True)
+  ins, n_iv, width = _schedule_inputs("forward", q.dtype, d, mask, lq, lk, lq_m, lk_m, cfg.block_q, cfg.block_k,
+                                     rowmajor=True)
+  # the static row schedule (cached; None for a run-time mask) decides the masking and the launch
+  static = None if isinstance(mask, KeyIntervals) else tile_schedule(mask, lq_m, lk_m, cfg.block_q, cfg.block_k)
+  single_run = SINGLE_RUN and static is not None and static.single_run
   qp, kp, vp = (_pad_len(x, n, interpret) for x, n in ((q, lq_m), (k, lk_m), (v, lk_m)))
   stages = cfg.stages
   smem_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -490,8 +493,8 @@ def forward(q, k, v, mask: Mask, *, sm_scale: float, cfg: MosaicConfig = MosaicC
   kernel = functools.partial(_kernel, plgpu=plgpu, pl=pl, scale2=sm_scale * LOG2E, width=width,
                              block_k=cfg.block_k, stages=stages, group=h // hkv, n_iv=n_iv,
                              regs=interpret is None, num_tiles=num_tiles, single_run=single_run)
-  persistent_ctas = _persistent_ctas(cfg, mask, lq_m, lk_m)
-  splits = _kv_splits(cfg, mask, lq_m, lk_m, h * num_tiles * b, persistent_ctas)
+  persistent_ctas = _persistent_ctas(cfg, static)
+  splits = _kv_splits(cfg, static, h * num_tiles * b, persistent_ctas)
   if persistent_ctas and splits > 1:
     raise ValueError(f"MosaicConfig: persistent_ctas={persistent_ctas} and kv_splits={splits} do not go together; "
                      "set one of them to 0 / 1 (or None).")
@@ -797,7 +800,7 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
   lq_m = _round_up(lq, max(block, cfg.dkdv_block_q))
   lk_m = _round_up(lk, max(block, cfg.dq_block_k))
   sched = functools.partial(_schedule_inputs, "backward", q.dtype, d, mask, lq, lk, lq_m, lk_m)
-  kv_ins, kv_iv, kv_width, _ = sched(cfg.dkdv_block_q, block, rowmajor=False)
+  kv_ins, kv_iv, kv_width = sched(cfg.dkdv_block_q, block, rowmajor=False)
   delta = jnp.pad(softmax_delta(o, do), ((0, 0), (0, 0), (0, lq_m - lq)))
   lse = jnp.pad(lse[:, :, :lq], ((0, 0), (0, 0), (0, lq_m - lq)), constant_values=BIG)
   qp, dop, kp, vp = (_pad_len(x, n, interpret)
@@ -815,7 +818,7 @@ def backward(q, k, v, o, lse, do, mask: Mask, *, sm_scale: float, cfg: MosaicBwd
   if cfg.fused_dq and cfg.pingpong:
     raise ValueError("MosaicBwdConfig: fused_dq and pingpong do not go together; set one of them False.")
   if not cfg.fused_dq:   # dq (fused_dq: formed in the dk/dv kernel below)
-    dq_ins, n_iv, dq_width, _ = sched(block, cfg.dq_block_k, rowmajor=True)
+    dq_ins, n_iv, dq_width = sched(block, cfg.dq_block_k, rowmajor=True)
     bk, st = cfg.dq_block_k, cfg.dq_stages
     scratch = [
         (tile(COMPUTE_WGS, ROWS_PER_WG, d), tile(COMPUTE_WGS, ROWS_PER_WG, d),
@@ -1010,8 +1013,8 @@ def forward_jvp(q, k, v, tq, tk, tv, mask: Mask, *, sm_scale: float, cfg: Mosaic
   lk, hkv = k.shape[1], k.shape[2]
   block_q = COMPUTE_WGS * ROWS_PER_WG
   lq_m, lk_m = _round_up(lq, block_q), _round_up(lk, max(block_q, cfg.block_k))
-  ins, n_iv, width, _ = _schedule_inputs("forward_jvp", q.dtype, d, mask, lq, lk, lq_m, lk_m, block_q, cfg.block_k,
-                                         rowmajor=True)
+  ins, n_iv, width = _schedule_inputs("forward_jvp", q.dtype, d, mask, lq, lk, lq_m, lk_m, block_q, cfg.block_k,
+                                     rowmajor=True)
   qp, kp, vp = (_pad_len(x, n, interpret) for x, n in ((q, lq_m), (k, lk_m), (v, lk_m)))
   # absent tangents are not read (static flags); a 1-row dummy fills their argument slot
   dummy = lambda x: jnp.zeros((1, 1, x.shape[2], d), q.dtype)

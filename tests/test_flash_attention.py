@@ -537,34 +537,33 @@ def test_mosaic_kv_splits_rule():
   """kv_splits=None: split-KV only where one CTA per item leaves fewer than two waves on the SMs and a fuller last
   wave is to be had, with >= 16 key tiles a part: one 1,560-token chunk against a 16,380-key cache (156 items)
   takes 5 parts; long sequences, persistent launches and run-time masks take none."""
-  from pallas_kernels.mask import KeyIntervals  # noqa: PLC0415
   cfg, pad = mosaic.MosaicConfig(), lambda n: -(-n // 128) * 128
-  rule = lambda mask, items, persistent=0: mosaic._kv_splits(cfg, mask, pad(mask.shape[0]), pad(mask.shape[1]),
-                                                             items, persistent)
+  sched = lambda mask: tile_schedule(mask, pad(mask.shape[0]), pad(mask.shape[1]), 128, 128)
+  rule = lambda mask, items, persistent=0: mosaic._kv_splits(cfg, sched(mask), items, persistent)
   decode = Mask.full(1560, 16380)
   assert rule(decode, 12 * 13) == 5
   assert rule(Mask.full(1560, 1024), 12 * 13) == 1            # 8 key tiles: no part would keep 16
   assert rule(decode, 12 * 13, persistent=132) == 1
   assert rule(Mask.full(4680, 16380), 12 * 37) == 1           # 444 items: more than two waves
   assert rule(video.teacher_forcing(21, 1560, first_chunk_frames=1, chunk_frames=1), 12 * 512) == 1
-  assert rule(KeyIntervals((1560, 16384), np.array([[0, 16000]], np.int32)), 12 * 13) == 1
-  assert mosaic._kv_splits(mosaic.MosaicConfig(kv_splits=3), decode, 1664, 16384, 156, 0) == 3
+  assert mosaic._kv_splits(cfg, None, 12 * 13, 0) == 1   # a run-time KeyIntervals mask: no static schedule
+  assert mosaic._kv_splits(mosaic.MosaicConfig(kv_splits=3), sched(decode), 156, 0) == 3
 
 
 def test_mosaic_persistent_ctas_rule():
   """persistent_ctas=None: one CTA per SM where a query tile computes fewer than PERSISTENT_BELOW key tiles on
   average (teacher forcing at 15,600 tokens: 38), one per work item where more (65,520 tokens: 136, dense), and
   for run-time masks; an explicit count stands."""
-  from pallas_kernels.mask import KeyIntervals  # noqa: PLC0415
   cfg, pad = mosaic.MosaicConfig(), lambda n: -(-n // 128) * 128
-  rule = lambda mask: mosaic._persistent_ctas(cfg, mask, pad(mask.shape[0]), pad(mask.shape[1]))
+  sched = lambda mask: tile_schedule(mask, pad(mask.shape[0]), pad(mask.shape[1]), 128, 128)
+  rule = lambda mask: mosaic._persistent_ctas(cfg, sched(mask))
   short = video.teacher_forcing(5, 1560, first_chunk_frames=1, chunk_frames=1)
   assert rule(short) == mosaic.SMS
   assert rule(video.teacher_forcing(21, 1560, first_chunk_frames=1, chunk_frames=1)) == 0
   assert rule(Mask.full(15600, 15600)) == 0 and rule(Mask.full(4096, 4096)) == mosaic.SMS
-  assert rule(KeyIntervals((1560, 4096), np.array([[0, 1000]], np.int32))) == 0
+  assert mosaic._persistent_ctas(cfg, None) == 0   # a run-time KeyIntervals mask has no static schedule
   for n in (0, 7):
-    assert mosaic._persistent_ctas(mosaic.MosaicConfig(persistent_ctas=n), short, 15616, 15616) == n
+    assert mosaic._persistent_ctas(mosaic.MosaicConfig(persistent_ctas=n), sched(short)) == n
 
 
 def test_mosaic_forward_reads_one_entry_of_a_kv_stack_in_gpu_interpreter():
@@ -655,7 +654,6 @@ def test_mosaic_kernels_mask_single_run_tiles_in_gpu_interpreter(monkeypatch):
   plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
   if not hasattr(plgpu, "InterpretGPUParams"):
     pytest.skip("this jax has no Mosaic GPU interpreter")
-  from pallas_kernels.mask import tile_schedule  # noqa: PLC0415
   rng = np.random.default_rng()
   lq, lk = int(rng.integers(290, 360)), int(rng.integers(520, 560))
   e, a = int(rng.integers(130, 150)), int(rng.integers(40, 90))   # rows [0, e) allow nothing
